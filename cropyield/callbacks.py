@@ -1,0 +1,156 @@
+"""Callbacks and the checkpoint-IO plugin that the CLI and the scripts add to the Trainer."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from typing_extensions import override
+
+from cropyield.inference import read_checkpoint
+from cropyield.model import CropYieldRegressor
+from cropyield.reference import least_squares, max_stable_lr, mse_of
+
+
+class ProgressReport(Callback):
+    """Prints the tutorial's progress lines and ends a fit with the least-squares comparison.
+
+    - before training: warns when the learning rate is above the largest stable SGD step for the
+      data (2 / the largest eigenvalue of the loss's Hessian);
+    - every ``every_n_epochs`` epochs: ``Epoch [10/100], Loss: 860.4821``, the loss of the epoch's
+      last batch, as the tutorial prints it;
+    - after training: the final training MSE next to the least-squares optimum on the same rows.
+
+    Args:
+        every_n_epochs: print a progress line every this many epochs (0: never).
+    """
+
+    def __init__(self, every_n_epochs: int = 10) -> None:
+        self.every_n_epochs = every_n_epochs
+        self._last_loss: torch.Tensor | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = _training_rows(trainer)
+        if rows is None or not isinstance(pl_module, CropYieldRegressor) or not trainer.is_global_zero:
+            return
+        lr = pl_module.hparams.lr
+        bound = max_stable_lr(pl_module._scale(rows[0].to(pl_module.device)), rows[1].shape[1])
+        if lr > bound:
+            warnings.warn(
+                f"lr={lr:g} is above the largest stable SGD step for this data ({bound:.3g}); training "
+                "will likely diverge: lower the learning rate or standardize the inputs",
+                UserWarning,
+                stacklevel=1,
+            )
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._last_loss = loss.detach()
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and self._last_loss is not None:
+            if trainer.is_global_zero:
+                print(f"Epoch [{epoch}/{trainer.max_epochs}], Loss: {self._last_loss.item():.4f}", flush=True)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = _training_rows(trainer)
+        if rows is None or not isinstance(pl_module, CropYieldRegressor) or not trainer.is_global_zero:
+            return
+        inputs, targets = rows
+        with torch.no_grad():
+            scaled = pl_module._scale(inputs.to(pl_module.device))
+            final = mse_of(scaled, targets.to(pl_module.device), pl_module.linear.weight, pl_module.linear.bias)
+        optimum = least_squares(inputs, targets).mse
+        print(f"Final training MSE: {final:.4f} (least-squares optimum on the same rows: {optimum:.4f})", flush=True)
+
+
+def _training_rows(trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    dm = trainer.datamodule
+    return dm.training_rows() if dm is not None and hasattr(dm, "training_rows") else None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a crash cannot leave half-done, and integrity-checked, safe reads.
+
+    Lightning writes through an fsspec transaction (a temporary file, then a move) without fsync,
+    so a power loss can leave a renamed but empty file. Here the bytes go to a temporary file in
+    the same folder, are flushed and fsynced, then ``os.replace`` swaps it in and the folder is
+    fsynced. Reads go through :func:`cropyield.inference.read_checkpoint`: CRC-checked,
+    ``weights_only=True``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @override
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+class CSVPredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` results to a CSV: the input columns plus one column per target.
+
+    Args:
+        output_path: the CSV to write. Default: ``<trainer.default_root_dir>/predictions.csv``.
+            Under DDP each process writes its own file, suffixed ``.rank<N>``.
+    """
+
+    def __init__(self, output_path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = output_path
+        self._file = None
+        self._writer = None
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = Path(self.output_path or Path(trainer.default_root_dir) / "predictions.csv")
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "w", newline="", encoding="utf-8")  # closed in on_predict_end
+        self._writer = csv.writer(self._file)
+        self._writer.writerow([*pl_module.hparams.feature_names, *pl_module.hparams.target_names])
+
+    @override
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self._writer.writerows(torch.cat([x.cpu(), prediction.cpu()], dim=1).tolist())
+
+    @override
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            print(f"wrote predictions to {self.path}", flush=True)

@@ -1,0 +1,370 @@
+"""The tutorial's data, and the LightningDataModule that serves it or a user's CSV/Parquet file.
+
+Small data goes through exactly the tutorial's ``DataLoader(TensorDataset(...), 5, shuffle=True)``.
+From ``fast_path_min_rows`` rows on, training batches are made by one permutation per epoch and
+one gather per batch from a single ``[rows, features + targets]`` tensor: no per-sample indexing,
+no collate. Evaluation then reads contiguous slices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from cropyield.errors import CropYieldError
+from cropyield.files import check_columns, read_columns, read_table
+
+# Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
+# built-ins section. The first 5 rows are the from-scratch section's data.
+INPUTS = torch.tensor(
+    [[73, 67, 43], [91, 88, 64], [87, 134, 58], [102, 43, 37], [69, 96, 70],
+     [74, 66, 43], [91, 87, 65], [88, 134, 59], [101, 44, 37], [68, 96, 71],
+     [73, 66, 44], [92, 87, 64], [87, 135, 57], [103, 43, 36], [68, 97, 70]],
+    dtype=torch.float32,
+)  # fmt: skip
+TARGETS = torch.tensor(
+    [[56, 70], [81, 101], [119, 133], [22, 37], [103, 119],
+     [57, 69], [80, 102], [118, 132], [21, 38], [104, 118],
+     [57, 69], [82, 100], [118, 134], [20, 38], [102, 120]],
+    dtype=torch.float32,
+)  # fmt: skip
+FEATURE_NAMES = ("temp", "rainfall", "humidity")
+TARGET_NAMES = ("apples", "oranges")
+
+FAST_PATH_MIN_ROWS = 50_000
+
+
+class CropYieldDataModule(L.LightningDataModule):
+    """Crop-yield rows for training, validation, testing and prediction.
+
+    With no arguments: the tutorial's 15 embedded rows, shuffled batches of 5 for training, and the
+    same rows in order for validation, testing and prediction (the tutorial evaluates on its
+    training data).
+
+    Args:
+        data_path: a CSV or Parquet file to read instead of the embedded data (chosen by extension).
+        csv_path: alias of ``data_path``; give one of the two.
+        feature_names: input columns, in order. Default: the tutorial's for the embedded data;
+            for a file, every column that is not a target.
+        target_names: target columns, in order. Default: ``apples, oranges``.
+        batch_size: rows per batch, per process under DDP.
+        shuffle: reshuffle the training rows every epoch.
+        val_fraction: hold out this fraction of the rows, chosen with ``seed``, for validation
+            and testing. 0 evaluates on the training rows, as the tutorial does.
+        limit_rows: use only the first N rows (5 gives the tutorial's from-scratch data).
+        standardize: compute per-feature mean and std on the training rows; a model created with
+            ``standardize=True`` stores them and standardizes its inputs.
+        seed: seed of the held-out split and of the fast path's shuffling. None takes the global
+            seed (the one ``seed_everything`` set) when the data is set up.
+        fast_path_min_rows: from this many training rows on, batches are gathered from one tensor
+            with one permutation per epoch; below it, the tutorial's ``DataLoader`` is used.
+    """
+
+    _memory: tuple[tuple[str, ...], torch.Tensor] | None = None  # (column names, rows), from_tensors
+
+    def __init__(
+        self,
+        data_path: str | None = None,
+        csv_path: str | None = None,
+        feature_names: Sequence[str] | None = None,
+        target_names: Sequence[str] | None = None,
+        batch_size: int = 5,
+        shuffle: bool = True,
+        val_fraction: float = 0.0,
+        limit_rows: int | None = None,
+        standardize: bool = False,
+        seed: int | None = None,
+        fast_path_min_rows: int = FAST_PATH_MIN_ROWS,
+    ) -> None:
+        super().__init__()
+        if data_path is not None and csv_path is not None:
+            raise CropYieldError("give either data_path or csv_path (its alias), not both")
+        if batch_size < 1:
+            raise CropYieldError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise CropYieldError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if limit_rows is not None and limit_rows < 1:
+            raise CropYieldError(f"limit_rows must be at least 1, got {limit_rows}")
+        self.data_path = (
+            os.fspath(data_path if data_path is not None else csv_path) if (data_path or csv_path) else None
+        )
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.val_fraction = val_fraction
+        self.limit_rows = limit_rows
+        self.standardize = standardize
+        self.seed = seed
+        self.fast_path_min_rows = fast_path_min_rows
+
+        if self.data_path is not None:
+            # The header is read now, so a bad path or column fails before a Trainer exists.
+            source, columns = self.data_path, read_columns(self.data_path)
+        elif self._memory is not None:
+            source, columns = "the given tensors", self._memory[0]
+        else:
+            source, columns = "the embedded data", (*FEATURE_NAMES, *TARGET_NAMES)
+        self.target_names = tuple(target_names) if target_names is not None else TARGET_NAMES
+        check_columns(source, self.target_names, columns)
+        if feature_names is None:
+            feature_names = [c for c in columns if c not in self.target_names]
+        self.feature_names = tuple(feature_names)
+        check_columns(source, self.feature_names, columns)
+        overlap = sorted(set(self.feature_names) & set(self.target_names))
+        if overlap:
+            raise CropYieldError(f"column(s) {overlap} cannot be both a feature and a target")
+        if not self.feature_names or not self.target_names:
+            raise CropYieldError(f"{source}: need at least one feature column and one target column")
+        self._columns = tuple(columns)
+        self.feature_mean: torch.Tensor | None = None
+        self.feature_std: torch.Tensor | None = None
+        self._train: torch.Tensor | None = None  # [rows, features + targets]
+        self._eval: torch.Tensor | None = None  # validation/test rows, same layout
+        self._predict: torch.Tensor | None = None  # [rows, features (+ targets when present)]
+
+    @classmethod
+    def from_tensors(
+        cls,
+        inputs: torch.Tensor | np.ndarray,
+        targets: torch.Tensor | np.ndarray,
+        batch_size: int = 5,
+        shuffle: bool = True,
+        **kwargs,
+    ) -> CropYieldDataModule:
+        """Builds a data module over in-memory rows (tensors or numpy arrays, made float32).
+
+        Columns are named as the tutorial's when the shapes are its (3 features, 2 targets), else
+        ``feature_0, ...`` and ``target_0, ...``. Other keyword arguments are the constructor's.
+        """
+        inputs = torch.as_tensor(inputs, dtype=torch.float32)
+        targets = torch.as_tensor(targets, dtype=torch.float32)
+        if inputs.ndim != 2 or targets.ndim != 2 or len(inputs) != len(targets):
+            raise CropYieldError(
+                "inputs and targets must be 2-D with one row per observation, got shapes "
+                f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
+            )
+        if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
+            raise CropYieldError("inputs and targets must be finite (found NaN or infinity)")
+        features = _names(inputs.shape[1], FEATURE_NAMES, "feature")
+        targets_ = _names(targets.shape[1], TARGET_NAMES, "target")
+        dm = cls.__new__(cls)
+        dm._memory = ((*features, *targets_), torch.cat([inputs, targets], dim=1))
+        kwargs.setdefault("target_names", targets_)
+        dm.__init__(batch_size=batch_size, shuffle=shuffle, **kwargs)
+        return dm
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.target_names)
+
+    @property
+    def uses_fast_path(self) -> bool:
+        return self._train is not None and len(self._train) >= self.fast_path_min_rows
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            if self._predict is None:
+                self._predict = self._load(targets_required=False)
+            return
+        if self._train is not None:
+            return
+        rows = self._load(targets_required=True)
+        n_val = round(len(rows) * self.val_fraction)
+        if self.val_fraction > 0 and not 1 <= n_val < len(rows):
+            raise CropYieldError(
+                f"{self._source_name()}: {len(rows)} rows are too few to hold out val_fraction="
+                f"{self.val_fraction} (need at least one row for training and one for validation)"
+            )
+        if n_val:
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self._seed()))
+            self._eval = rows[order[:n_val].sort().values]
+            self._train = rows[order[n_val:].sort().values]
+        else:
+            self._train = self._eval = rows
+        if self.standardize:
+            inputs = self._train[:, : self.num_features].double()
+            self.feature_mean = inputs.mean(0).float()
+            std = inputs.std(0, correction=0).float()
+            self.feature_std = torch.where(std > 0, std, torch.ones_like(std))
+
+    def training_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training inputs and targets (views into one table); call after ``setup("fit")``."""
+        if self._train is None:
+            raise RuntimeError("call setup('fit') first")
+        return self._train[:, : self.num_features], self._train[:, self.num_features :]
+
+    def train_dataloader(self):
+        if self.uses_fast_path:
+            rank, world = self._rank_and_world()
+            device = self.trainer.strategy.root_device if self.trainer is not None else None
+            if device is not None and self._train.device != device:
+                self._train = self._train.to(device)  # once: batches are then gathered on the device
+            sampler = EpochPermutation(
+                len(self._train),
+                self.batch_size,
+                self.shuffle,
+                self._seed(),
+                rank,
+                world,
+            )
+            return GatheredBatches(self._train, self.num_features, sampler)
+        inputs, targets = self.training_rows()
+        return DataLoader(
+            TensorDataset(inputs.contiguous(), targets.contiguous()),
+            self.batch_size,
+            shuffle=self.shuffle,
+        )
+
+    def val_dataloader(self):
+        return self._ordered(self._eval, self.num_features)
+
+    def test_dataloader(self):
+        return self._ordered(self._eval, self.num_features)
+
+    def predict_dataloader(self):
+        return self._ordered(self._predict, self.num_features)
+
+    def state_dict(self) -> dict:
+        # The tutorial's loader shuffles with the global RNG: saving its state lets a resumed run
+        # draw the same permutations as an uninterrupted one. The fast path seeds every epoch.
+        return {"torch_rng_state": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "torch_rng_state" in state_dict:
+            torch.set_rng_state(state_dict["torch_rng_state"])
+
+    def _ordered(self, rows: torch.Tensor | None, num_features: int):
+        if rows is None:
+            raise RuntimeError("call setup() first")
+        if len(rows) >= self.fast_path_min_rows:
+            rank, world = self._rank_and_world()
+            return SlicedBatches(rows, num_features, self.batch_size, rank, world)
+        tensors = [rows[:, :num_features].contiguous()]
+        if rows.shape[1] > num_features:
+            tensors.append(rows[:, num_features:].contiguous())
+        # Its own generator: an iterator of a loader without one draws a seed from the global RNG,
+        # which would shift the next training shuffle away from the tutorial's.
+        return DataLoader(
+            TensorDataset(*tensors),
+            self.batch_size,
+            shuffle=False,
+            generator=torch.Generator(),
+        )
+
+    def _source_name(self) -> str:
+        return self.data_path or ("the given tensors" if self._memory else "the embedded data")
+
+    def _load(self, targets_required: bool) -> torch.Tensor:
+        wanted = list(self.feature_names)
+        if targets_required or all(t in self._columns for t in self.target_names):
+            wanted += self.target_names
+        if self.data_path is not None:
+            rows = torch.from_numpy(read_table(self.data_path, wanted))
+        else:
+            columns, table = self._memory or (
+                (*FEATURE_NAMES, *TARGET_NAMES),
+                torch.cat([INPUTS, TARGETS], 1),
+            )
+            rows = table[:, [columns.index(c) for c in wanted]]
+        if self.limit_rows is not None:
+            rows = rows[: self.limit_rows]
+        return rows
+
+    def _seed(self) -> int:
+        return self.seed if self.seed is not None else torch.initial_seed() % 2**63
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+
+def _names(count: int, tutorial: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    return tutorial if count == len(tutorial) else tuple(f"{prefix}_{i}" for i in range(count))
+
+
+class EpochPermutation:
+    """Batches of row indices: one permutation per epoch, seeded by ``(seed, epoch)``.
+
+    Under DDP every rank draws the same permutation and takes its own contiguous shard of equal
+    size (the remainder, fewer rows than processes, is dropped for that epoch). Lightning calls
+    ``set_epoch`` at the start of each epoch, as it does for a ``DistributedSampler``.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.num_rows, self.batch_size, self.shuffle = num_rows, batch_size, shuffle
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.shard = num_rows // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.shard / self.batch_size)
+
+    def indices(self, device: torch.device) -> torch.Tensor:
+        """This rank's rows for the current epoch, in training order."""
+        if self.shuffle:
+            generator = torch.Generator(device=device).manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_rows, generator=generator, device=device)
+        else:
+            order = torch.arange(self.num_rows, device=device)
+        return order[self.rank * self.shard : (self.rank + 1) * self.shard]
+
+
+class GatheredBatches:
+    """An iterable of ``(inputs, targets)`` batches, each gathered by one ``index_select``."""
+
+    def __init__(self, rows: torch.Tensor, num_features: int, sampler: EpochPermutation):
+        self.rows, self.num_features, self.sampler = rows, num_features, sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        f = self.num_features
+        for idx in self.sampler.indices(self.rows.device).split(self.sampler.batch_size):
+            batch = self.rows.index_select(0, idx)
+            yield batch[:, :f], batch[:, f:]
+
+
+class SlicedBatches:
+    """Contiguous slices of the rows, in order; this rank's share of them under DDP."""
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        num_features: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        share = math.ceil(len(rows) / world_size)
+        self.rows = rows[rank * share : (rank + 1) * share]
+        self.num_features, self.batch_size = num_features, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __iter__(self):
+        f = self.num_features
+        for batch in self.rows.split(self.batch_size):
+            yield (batch[:, :f], batch[:, f:]) if batch.shape[1] > f else batch[:, :f]

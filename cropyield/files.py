@@ -1,0 +1,228 @@
+"""Reading tabular files (CSV, Parquet) into one float32 array, with one-line errors.
+
+Only numpy and the standard library are imported here, so inference can read files without
+Lightning. pyarrow (the ``arrow`` extra) is the fast reader: it measured fastest of numpy,
+pandas, polars and pyarrow on this project's machine (see the README's benchmark). Without it,
+CSV files are still read by the standard library, more slowly; Parquet needs it.
+
+Every problem is reported as :class:`~cropyield.errors.CropYieldError` naming the file and, for
+CSV, the line and column. The fast reader never reports errors itself: when it fails or yields a
+non-finite value, the standard-library reader runs over the file to find the first bad cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cropyield.errors import CropYieldError
+
+CSV_SUFFIXES = (".csv",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+    except ImportError:
+        return None
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    return pyarrow
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        return "csv"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    raise CropYieldError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .parquet")
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CropYieldError(f"{path}: no such file")
+    if path.is_dir():
+        raise CropYieldError(f"{path}: is a directory, not a data file")
+    return path
+
+
+def read_columns(path: str | os.PathLike) -> list[str]:
+    """Returns the column names of a CSV or Parquet file, checking that they are unique.
+
+    Raises:
+        CropYieldError: the file is missing, unreadable, empty or has duplicate column names.
+    """
+    path = _check_path(path)
+    if _kind(path) == "parquet":
+        names = _parquet_file(path).schema_arrow.names
+    else:
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                names = next(csv.reader(f), None)
+        except (UnicodeDecodeError, csv.Error, OSError) as err:
+            raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
+        if not names:
+            raise CropYieldError(f"{path}: the file is empty; expected a header line of column names")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CropYieldError(f"{path}: duplicate column names {duplicates}; rename them so each is unique")
+    return names
+
+
+def check_columns(path: str | os.PathLike, wanted: Sequence[str], available: Sequence[str]) -> None:
+    """Raises a one-line error naming the columns of ``wanted`` that the file lacks."""
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        hint = ""
+        if len(available) == 1 and any(d in available[0] for d in ";\t|"):
+            hint = "; the file looks not comma-separated (cropyield reads comma-separated files)"
+        raise CropYieldError(f"{path}: missing column(s) {missing}; the file has {list(available)}{hint}")
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str]) -> np.ndarray:
+    """Reads the named columns of a CSV or Parquet file into a C-contiguous float32 array.
+
+    Args:
+        path: a ``.csv`` (comma-separated, header line first) or ``.parquet`` file.
+        columns: the columns to read, in the order wanted in the result.
+
+    Returns:
+        An array of shape ``[rows, len(columns)]``, every value finite.
+
+    Raises:
+        CropYieldError: naming the file and, where known, the line (CSV) or row (Parquet) and column.
+    """
+    path = _check_path(path)
+    check_columns(path, columns, read_columns(path))
+    if _kind(path) == "parquet":
+        table = _read_parquet(path, columns)
+    else:
+        table = _read_csv(path, columns)
+    if len(table) == 0:
+        raise CropYieldError(f"{path}: has a header but no data rows")
+    return table
+
+
+def _brief(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> np.ndarray:
+    pa = _pyarrow()
+    if pa is None:
+        return _read_csv_stdlib(path, columns)
+    try:
+        table = pa.csv.read_csv(
+            path,
+            convert_options=pa.csv.ConvertOptions(
+                include_columns=list(columns),
+                column_types=dict.fromkeys(columns, pa.float32()),
+            ),
+        )
+        out = _arrow_to_numpy(table, columns)
+    except (pa.ArrowException, OSError, ValueError):
+        out = None
+    if out is None or not np.isfinite(out).all():
+        # Slow, exact pass: raises naming the first bad line and column, or returns the rows.
+        return _read_csv_stdlib(path, columns)
+    return out
+
+
+def _arrow_to_numpy(table, columns: Sequence[str]) -> np.ndarray:
+    # Column by column, dropping each from the table once copied: np.empty's pages become
+    # resident only as they are written, so peak memory stays near one copy of the data.
+    out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+    for j, name in enumerate(columns):
+        start = 0
+        for chunk in table.column(name).chunks:
+            values = chunk.to_numpy(zero_copy_only=False)
+            out[start : start + len(values), j] = values
+            start += len(values)
+        table = table.drop_columns([name])
+    return out
+
+
+def _read_csv_stdlib(path: Path, columns: Sequence[str]) -> np.ndarray:
+    values = [array("f") for _ in columns]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            positions = [header.index(c) for c in columns]
+            for row in reader:
+                if not row:  # a blank line, skipped as pyarrow does
+                    continue
+                if len(row) != len(header):
+                    raise CropYieldError(
+                        f"{path}, line {reader.line_num}: expected {len(header)} values (one per column), "
+                        f"got {len(row)}"
+                    )
+                for out, name, k in zip(values, columns, positions, strict=True):
+                    out.append(_parse_cell(row[k], path, reader.line_num, name))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
+    return np.stack([np.frombuffer(v, dtype=np.float32) for v in values], axis=1)
+
+
+def _parse_cell(cell: str, path: Path, line: int, column: str) -> float:
+    where = f"{path}, line {line}, column {column!r}"
+    if not cell.strip():
+        raise CropYieldError(f"{where}: empty value; fill it in or drop the row")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise CropYieldError(f"{where}: {cell[:40]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise CropYieldError(f"{where}: {cell[:40]!r} is not a finite number")
+    if abs(value) > _FLOAT32_MAX:
+        raise CropYieldError(f"{where}: {cell[:40]!r} is out of float32 range")
+    return value
+
+
+def _parquet_file(path: Path):
+    pa = _pyarrow()
+    if pa is None:
+        raise CropYieldError(f"{path}: reading Parquet needs pyarrow; install it with: pip install 'cropyield[arrow]'")
+    try:
+        return pa.parquet.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> np.ndarray:
+    pa = _pyarrow()
+    file = _parquet_file(path)
+    schema = file.schema_arrow
+    for name in columns:
+        kind = schema.field(name).type
+        if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+            raise CropYieldError(f"{path}, column {name!r}: has type {kind}, not a number")
+    # One record batch at a time into the preallocated result: peak memory is the result plus a batch.
+    out = np.empty((file.metadata.num_rows, len(columns)), dtype=np.float32)
+    start = 0
+    try:
+        for batch in file.iter_batches(columns=list(columns)):
+            for j, name in enumerate(columns):
+                values = batch.column(name).to_numpy(zero_copy_only=False)
+                out[start : start + len(values), j] = values
+            start += batch.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
+    bad = ~np.isfinite(out)
+    if bad.any():
+        row, j = map(int, np.argwhere(bad)[0])
+        raise CropYieldError(
+            f"{path}, row {row + 1}, column {columns[j]!r}: value is empty, NaN, infinite or out of float32 range"
+        )
+    return out

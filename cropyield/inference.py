@@ -1,0 +1,260 @@
+"""Safe checkpoint loading and prediction, and the ``cropyield-predict`` command.
+
+Imports only torch, numpy and the standard library (Lightning is imported only by
+:func:`load_regressor`), so the command starts about as fast as ``import torch``.
+
+A checkpoint is untrusted input: it is checked against its zip CRCs, then loaded with
+``torch.load(weights_only=True)``, which refuses any pickled object that is not a tensor or a
+plain value; nothing in it is ever executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cropyield.errors import CropYieldError
+
+_VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor")
+_HPARAMS = ("in_features", "out_features", "lr", "feature_names", "target_names", "standardize")
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+    """Loads a checkpoint file safely: integrity-checked, tensors and plain values only.
+
+    Raises:
+        CropYieldError: the file is missing, a directory, truncated or corrupted (a CRC mismatch),
+            or holds pickled objects other than tensors and plain values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CropYieldError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CropYieldError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and checks its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CropYieldError(f"{path}: not a PyTorch checkpoint, or truncated ({err})") from None
+    if bad is not None:
+        raise CropYieldError(f"{path}: corrupted checkpoint (CRC mismatch in {bad!r}); use another copy")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        what = str(err).split("\n")
+        detail = next((line.strip() for line in what if "Unsupported" in line or "global" in line), what[0])
+        raise CropYieldError(
+            f"{path}: refused, it holds pickled objects that are not tensors or plain values ({detail[:160]}); "
+            "cropyield never runs code from a checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        raise CropYieldError(f"{path}: unreadable checkpoint ({' '.join(str(err).split())[:160]})") from None
+    if not isinstance(checkpoint, dict):
+        raise CropYieldError(f"{path}: not a cropyield checkpoint (no state_dict)")
+    return checkpoint
+
+
+def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """Validates a loaded checkpoint: returns the class name, constructor arguments and weights."""
+    state = checkpoint.get("state_dict")
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(state, dict) or not isinstance(hparams, dict) or "linear.weight" not in state:
+        raise CropYieldError(f"{path}: not a cropyield checkpoint (no linear.weight in its state_dict)")
+    meta = checkpoint.get("cropyield") if isinstance(checkpoint.get("cropyield"), dict) else {}
+    variant = meta.get("class", "CropYieldRegressor")
+    if variant not in _VARIANTS:
+        raise CropYieldError(f"{path}: unknown model class {variant!r} (expected one of {list(_VARIANTS)})")
+    kwargs = {k: hparams[k] for k in _HPARAMS if k in hparams}
+    weight, bias = state["linear.weight"], state.get("linear.bias")
+    expected = (kwargs.get("out_features", 2), kwargs.get("in_features", 3))
+    if (
+        not isinstance(weight, torch.Tensor)
+        or not isinstance(bias, torch.Tensor)
+        or tuple(weight.shape) != expected
+        or tuple(bias.shape) != expected[:1]
+    ):
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise CropYieldError(f"{path}: linear.weight has shape {got}, but its hyper-parameters say {expected}")
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CropYieldError(f"{path}: {name} holds NaN or infinite values; the run that wrote it diverged")
+    return variant, kwargs, state
+
+
+def load_regressor(path: str | os.PathLike, map_location: str | torch.device | None = "cpu"):
+    """Loads a cropyield checkpoint of either variant and returns the model in eval mode.
+
+    Works for checkpoints written by the ``cropyield`` command, the scripts, or plain Trainer code.
+
+    Raises:
+        CropYieldError: the file is missing, not a valid checkpoint, of an inconsistent shape, or
+            holds pickled objects.
+    """
+    from cropyield import model as models  # Lightning is needed only here
+
+    path = Path(path)
+    variant, kwargs, state = _spec(path, read_checkpoint(path, map_location))
+    regressor = getattr(models, variant)(**kwargs)
+    try:
+        regressor.load_state_dict(state)
+    except RuntimeError as err:
+        raise CropYieldError(f"{path}: weights do not fit the model ({' '.join(str(err).split())[:200]})") from None
+    return regressor.eval()
+
+
+class LinearPredictor(nn.Module):
+    """A checkpoint's weights with the same forward arithmetic as the regressor, without Lightning."""
+
+    def __init__(self, state: dict[str, torch.Tensor], hparams: dict) -> None:
+        super().__init__()
+        self.feature_names = list(
+            hparams.get("feature_names") or [f"feature_{i}" for i in range(hparams["in_features"])]
+        )
+        self.target_names = list(hparams.get("target_names") or [f"target_{i}" for i in range(hparams["out_features"])])
+        self.standardize = bool(hparams.get("standardize", False))
+        self.register_buffer("weight", state["linear.weight"])
+        self.register_buffer("bias", state["linear.bias"])
+        self.register_buffer("feature_mean", state.get("feature_mean", torch.zeros(self.weight.shape[1])))
+        self.register_buffer("feature_std", state.get("feature_std", torch.ones(self.weight.shape[1])))
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+    ) -> LinearPredictor:
+        path = Path(path)
+        _, kwargs, state = _spec(path, read_checkpoint(path, map_location))
+        kwargs.setdefault("in_features", state["linear.weight"].shape[1])
+        kwargs.setdefault("out_features", state["linear.weight"].shape[0])
+        return cls(state, kwargs).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            x = (x - self.feature_mean) / self.feature_std
+        return F.linear(x, self.weight, self.bias)
+
+
+def _names(model: nn.Module, kind: str) -> list[str]:
+    hparams = getattr(model, "hparams", None)
+    names = getattr(model, f"{kind}_names", None) or (hparams or {}).get(f"{kind}_names")
+    return list(names) if names else []
+
+
+def predict(model: nn.Module, rows) -> torch.Tensor:
+    """Predicts yields for rows of inputs: a list of lists, a numpy array or a tensor.
+
+    Returns:
+        A float32 CPU tensor ``[rows, targets]``, one column per target.
+
+    Raises:
+        CropYieldError: the rows are ragged, have the wrong number of values, or hold non-numeric
+            or non-finite values.
+    """
+    try:
+        x = torch.as_tensor(rows, dtype=torch.float32)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise CropYieldError(
+            f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
+        ) from None
+    if x.ndim == 1:
+        x = x.unsqueeze(0)
+    features = _names(model, "feature")
+    expected = len(features) or x.shape[-1]
+    if x.ndim != 2 or x.shape[1] != expected:
+        named = f" ({', '.join(features)})" if features else ""
+        raise CropYieldError(f"expected {expected} values per row{named}, got rows of shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise CropYieldError("inputs must be finite numbers (found NaN or infinity)")
+    device = next(iter(model.state_dict().values())).device
+    model.eval()
+    with torch.inference_mode():
+        return model(x.to(device)).float().cpu()
+
+
+def _parse_values(values: Sequence[str], count: int) -> list[list[float]]:
+    if not values or len(values) % count:
+        raise CropYieldError(f"expected groups of {count} values (one group per region), got {len(values)} value(s)")
+    numbers = []
+    for i, text in enumerate(values):
+        try:
+            numbers.append(float(text))
+        except ValueError:
+            raise CropYieldError(f"value {i + 1} ({text!r}) is not a number") from None
+        if not torch.isfinite(torch.tensor(numbers[-1])):
+            raise CropYieldError(f"value {i + 1} ({text!r}) is not a finite number")
+    return [numbers[i : i + count] for i in range(0, len(numbers), count)]
+
+
+def _write_csv(path: Path, header: list[str], rows: torch.Tensor) -> None:
+    # Written beside the target, then renamed over it: an error never leaves a half-written file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(",".join(header) + "\n")
+        for row in rows.tolist():
+            f.write(",".join(repr(v) for v in row) + "\n")
+    os.replace(tmp, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cropyield-predict",
+        description="Predict crop yields for new regions from a cropyield checkpoint.",
+        epilog="examples:\n  cropyield-predict --ckpt checkpoints/last.ckpt 75 63 44\n"
+        "  cropyield-predict --ckpt checkpoints/last.ckpt 75 63 44 80 70 50 --json\n"
+        "  cropyield-predict --ckpt checkpoints/last.ckpt --csv regions.csv --out predictions.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--ckpt", required=True, help="checkpoint file written by cropyield (e.g. checkpoints/last.ckpt)"
+    )
+    parser.add_argument(
+        "values", nargs="*", help="input values, one group per region, in the checkpoint's feature order"
+    )
+    parser.add_argument("--csv", help="read regions from this CSV/Parquet file, columns chosen by feature name")
+    parser.add_argument("--out", help="write a CSV: the input columns plus one column per target")
+    parser.add_argument("--json", action="store_true", help="print only a JSON array, one object per region")
+    parser.add_argument("--units", default="tons per hectare", help="unit printed after the yields")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``cropyield-predict``: errors are one line on stderr and exit code 2."""
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except CropYieldError as err:
+        print(f"cropyield-predict: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(args: argparse.Namespace) -> None:
+    model = LinearPredictor.from_checkpoint(args.ckpt)
+    if args.csv and args.values:
+        raise CropYieldError("give input values or --csv, not both")
+    if args.csv:
+        from cropyield.files import read_table
+
+        rows = torch.from_numpy(read_table(args.csv, model.feature_names))
+    else:
+        rows = torch.tensor(_parse_values(args.values, len(model.feature_names)))
+    preds = predict(model, rows)
+    if args.out:
+        _write_csv(Path(args.out), model.feature_names + model.target_names, torch.cat([rows, preds], dim=1))
+    if args.json:
+        print(json.dumps([dict(zip(model.target_names, p, strict=True)) for p in preds.tolist()]))
+    elif not args.out:
+        for x, p in zip(rows.tolist(), preds.tolist(), strict=True):
+            inputs = ", ".join(f"{n}={v:g}" for n, v in zip(model.feature_names, x, strict=True))
+            yields = ", ".join(f"{n} {v:.2f}" for n, v in zip(model.target_names, p, strict=True))
+            print(f"{inputs} -> {yields} ({args.units})")
+    else:
+        print(f"wrote {len(preds)} predictions to {args.out}")

@@ -1,0 +1,288 @@
+"""The regressor: ``nn.Linear`` + MSE + SGD, and its manual-optimization twin from the tutorial."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+from typing_extensions import override
+
+from cropyield.data import FEATURE_NAMES, TARGET_NAMES
+from cropyield.errors import CropYieldError, TrainingDivergedError
+
+CHECKPOINT_FORMAT = 1
+
+
+class CropYieldRegressor(L.LightningModule):
+    """Linear regression of crop yields, trained with SGD on the mean squared error.
+
+    Args:
+        in_features: number of input columns (temperature, rainfall, humidity in the tutorial).
+        out_features: number of targets (apples, oranges in the tutorial).
+        lr: SGD learning rate; the tutorial's 1e-5 suits its raw inputs. Above about 1.1e-4 SGD
+            diverges on them; with standardized inputs 0.1 converges fast.
+        feature_names: names of the inputs, recorded in checkpoints. Default: the tutorial's when
+            there are 3, else ``feature_0, ...``.
+        target_names: names of the targets, used in metric names and predictions. Default: the
+            tutorial's when there are 2, else ``target_0, ...``.
+        standardize: standardize inputs with the per-feature mean and std that the
+            ``CropYieldDataModule(standardize=True)`` computes; stored in the checkpoint, so it
+            predicts on raw inputs.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 2,
+        lr: float = 1e-5,
+        feature_names: Sequence[str] | None = None,
+        target_names: Sequence[str] | None = None,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__()
+        # First, so that it draws its initial weights from the RNG exactly as the tutorial's does.
+        self.linear = nn.Linear(in_features, out_features)
+        feature_names = (
+            tuple(feature_names) if feature_names is not None else _names(in_features, FEATURE_NAMES, "feature")
+        )
+        target_names = tuple(target_names) if target_names is not None else _names(out_features, TARGET_NAMES, "target")
+        if len(feature_names) != in_features or len(target_names) != out_features:
+            raise CropYieldError(
+                f"{len(feature_names)} feature names and {len(target_names)} target names do not match "
+                f"in_features={in_features} and out_features={out_features}"
+            )
+        if not lr > 0:
+            raise CropYieldError(f"lr must be positive, got {lr}")
+        # Plain values only, so a checkpoint loads with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "in_features": in_features,
+                "out_features": out_features,
+                "lr": float(lr),
+                "feature_names": list(feature_names),
+                "target_names": list(target_names),
+                "standardize": bool(standardize),
+            }
+        )
+        self.register_buffer("feature_mean", torch.zeros(in_features))
+        self.register_buffer("feature_std", torch.ones(in_features))
+        self.val_metrics = _metrics(out_features)
+        self.test_metrics = _metrics(out_features)
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self._scale(x))
+
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    @override
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._common_step(batch, "val")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    @override
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._common_step(batch, "test")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    @override
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    @override
+    def setup(self, stage: str) -> None:
+        _quiet_lightning()
+        if stage == "fit" and self.hparams.standardize:
+            dm = self.trainer.datamodule
+            if getattr(dm, "feature_mean", None) is None:
+                raise CropYieldError(
+                    "the model was created with standardize=True but the data module computed no "
+                    "feature statistics: use CropYieldDataModule(standardize=True)"
+                )
+            self.feature_mean.copy_(dm.feature_mean)
+            self.feature_std.copy_(dm.feature_std)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for name, tensor in checkpoint["state_dict"].items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingDivergedError(
+                    f"epoch {self.current_epoch}, step {self.global_step}: {name} became non-finite, so no "
+                    f"checkpoint was written; {_REMEDY}"
+                )
+        checkpoint["cropyield"] = {
+            "format": CHECKPOINT_FORMAT,
+            "class": type(self).__name__,
+        }
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.standardize:
+            return (x - self.feature_mean) / self.feature_std
+        return x
+
+    def _common_step(self, batch, stage: str) -> torch.Tensor | None:
+        x, y = batch
+        preds = self(x)
+        if stage == "train":
+            loss = F.mse_loss(preds, y)
+            self._check_finite(loss)
+            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+            return loss
+        (self.val_metrics if stage == "val" else self.test_metrics).update(preds, y)
+        return None
+
+    def _log_metrics(self, stage: str) -> None:
+        collection = self.val_metrics if stage == "val" else self.test_metrics
+        values = collection.compute()
+        collection.reset()
+        logged = {}
+        for name, per_target in values.items():
+            per_target = per_target.reshape(-1)
+            logged[f"{stage}/{name}"] = per_target.mean()
+            for target, value in zip(self.hparams.target_names, per_target, strict=True):
+                logged[f"{stage}/{name}_{target}"] = value
+        self.log_dict(logged)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"training diverged at epoch {self.current_epoch}, step {self.global_step}: "
+                f"the loss is {loss.item()}; {_REMEDY}"
+            )
+
+
+_REMEDY = "lower the learning rate (--model.lr) or standardize the inputs (--data.standardize true)"
+
+
+class TutorialSGD(torch.optim.Optimizer):
+    """The tutorial's hand-written update as an optimizer: ``p -= p.grad * lr``.
+
+    Going through an optimizer lets Lightning count the steps (``global_step``, ``max_steps``,
+    step logging and checkpoints); the arithmetic is exactly the tutorial's, bit for bit.
+    """
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p -= p.grad * group["lr"]
+        return loss
+
+
+class ManualSGDRegressor(CropYieldRegressor):
+    """The tutorial's from-scratch training step under Lightning's manual optimization.
+
+    ``preds = x @ w.t() + b``, the hand-written MSE, backward, then ``w -= w.grad * lr`` and
+    ``b -= b.grad * lr`` and the gradients zeroed, with ``w, b`` the ``linear`` layer's weight and
+    bias, so checkpoints have the same layout as :class:`CropYieldRegressor`'s.
+
+    Args:
+        in_features: number of input columns.
+        out_features: number of targets.
+        lr: the step size of the hand-written update.
+        feature_names: names of the inputs, recorded in checkpoints.
+        target_names: names of the targets, used in metric names and predictions.
+        standardize: standardize inputs with the data module's feature statistics.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 2,
+        lr: float = 1e-5,
+        feature_names: Sequence[str] | None = None,
+        target_names: Sequence[str] | None = None,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, lr, feature_names, target_names, standardize)
+        self.automatic_optimization = False
+
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        w, b = self.linear.weight, self.linear.bias
+        preds = self._scale(x) @ w.t() + b
+        diff = preds - y
+        loss = torch.sum(diff * diff) / diff.numel()
+        self._check_finite(loss)
+        self.manual_backward(loss)
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad()
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(x))
+        return loss.detach()
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return TutorialSGD(self.parameters(), lr=self.hparams.lr)
+
+
+def _names(count: int, tutorial: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    return tutorial if count == len(tutorial) else tuple(f"{prefix}_{i}" for i in range(count))
+
+
+def _metrics(num_targets: int) -> MetricCollection:
+    # Per-target values; the overall figure logged is their mean (every target has the same rows).
+    return MetricCollection(
+        {
+            "mse": MeanSquaredError(num_outputs=num_targets),
+            "mae": MeanAbsoluteError(num_outputs=num_targets),
+            "r2": R2Score(multioutput="raw_values"),
+        },
+        compute_groups=False,
+    )
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+@rank_zero_only
+def _quiet_lightning() -> None:
+    """Silences Lightning output that says nothing about a cropyield run."""
+    # Two advertisements (litlogger, litmodels) printed when a Trainer is built.
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    # Lightning's own use of a torch API it has not caught up with; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Every metric is logged per epoch, so the per-step logging interval does not apply.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The number of training batches \(\d+\) is smaller than the logging",
+    )
+    # The rows are in-memory tensors: worker processes would only add inter-process copies.
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+
+
+_quiet_lightning()
