@@ -9,6 +9,7 @@ cropyield predict --ckpt_path checkpoints/last.ckpt
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -81,8 +82,33 @@ def _default_loggers(root: str) -> list:
     return loggers
 
 
+def shipped_config(name: str) -> str:
+    """Resolves ``--config tutorial.yaml`` to the shipped config when no such file is here."""
+    if not os.path.exists(name) and (CONFIG_DIR / name).is_file():
+        return str(CONFIG_DIR / name)
+    return name
+
+
+def _resolve_configs(args: list[str]) -> list[str]:
+    args = list(args)
+    for i, arg in enumerate(args):
+        if i and args[i - 1] in ("-c", "--config"):
+            args[i] = shipped_config(arg)
+        elif arg.startswith("--config="):
+            args[i] = "--config=" + shipped_config(arg.split("=", 1)[1])
+    return args
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
-    """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv[1:]`` in tests."""
+    """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv[1:]`` in tests.
+
+    ``--config NAME`` also finds the configs shipped in ``cropyield/configs/`` (``tutorial.yaml``,
+    ``from_scratch.yaml``, ``fast.yaml``).
+    """
+    if args is None:  # the console script: LightningCLI reads sys.argv itself
+        sys.argv[1:] = _resolve_configs(sys.argv[1:])
+    else:
+        args = _resolve_configs(args)
     return CropYieldCLI(
         CropYieldRegressor,
         CropYieldDataModule,
@@ -99,6 +125,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
 
 def main() -> None:
     """Entry point of ``cropyield``: a user's mistake is one line on stderr and exit code 2."""
+    # Lightning's progress information goes to stdout, so that stderr holds only what went wrong.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
     try:
         cli_main()
     except CropYieldError as err:

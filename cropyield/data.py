@@ -220,7 +220,7 @@ class CropYieldDataModule(L.LightningDataModule):
         inputs, targets = self.training_rows()
         return DataLoader(
             TensorDataset(inputs.contiguous(), targets.contiguous()),
-            self.batch_size,
+            batch_size=self.batch_size,
             shuffle=self.shuffle,
         )
 
@@ -254,10 +254,7 @@ class CropYieldDataModule(L.LightningDataModule):
         # Its own generator: an iterator of a loader without one draws a seed from the global RNG,
         # which would shift the next training shuffle away from the tutorial's.
         return DataLoader(
-            TensorDataset(*tensors),
-            self.batch_size,
-            shuffle=False,
-            generator=torch.Generator(),
+            TensorDataset(*tensors), batch_size=self.batch_size, shuffle=False, generator=torch.Generator()
         )
 
     def _source_name(self) -> str:

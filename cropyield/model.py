@@ -128,8 +128,8 @@ class CropYieldRegressor(L.LightningModule):
         for name, tensor in checkpoint["state_dict"].items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise TrainingDivergedError(
-                    f"epoch {self.current_epoch}, step {self.global_step}: {name} became non-finite, so no "
-                    f"checkpoint was written; {_REMEDY}"
+                    f"training diverged by epoch {self.current_epoch + 1}, step {self.global_step}: {name} became "
+                    f"non-finite, so no checkpoint was written; {_REMEDY}"
                 )
         checkpoint["cropyield"] = {
             "format": CHECKPOINT_FORMAT,
@@ -167,7 +167,7 @@ class CropYieldRegressor(L.LightningModule):
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"training diverged at epoch {self.current_epoch}, step {self.global_step}: "
+                f"training diverged at epoch {self.current_epoch + 1}, step {self.global_step + 1}: "
                 f"the loss is {loss.item()}; {_REMEDY}"
             )
 
@@ -281,6 +281,8 @@ def _quiet_lightning() -> None:
         "ignore",
         message=r"The number of training batches \(\d+\) is smaller than the logging",
     )
+    # Runs share checkpoints/ by design: last.ckpt is replaced, best checkpoints are named by epoch.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # The rows are in-memory tensors: worker processes would only add inter-process copies.
     warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
 

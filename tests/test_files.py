@@ -1,0 +1,132 @@
+"""File reading: every bad input is a one-line CropYieldError naming file, line and column."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cropyield import CropYieldError
+from cropyield.files import read_table
+
+COLUMNS = ["temp", "rainfall", "humidity", "apples", "oranges"]
+HEADER = "temp,rainfall,humidity,apples,oranges\n"
+
+# name -> (file bytes, fragments the message must hold besides the file name)
+BAD_FILES = {
+    "empty": (b"", ["empty"]),
+    "header_only": (HEADER.encode(), ["no data rows"]),
+    "missing_column": (b"temp,rainfall,apples,oranges\n1,2,3,4\n", ["missing column", "humidity"]),
+    "duplicate_columns": (b"temp,temp,rainfall,humidity,apples,oranges\n1,1,2,3,4,5\n", ["duplicate", "temp"]),
+    "non_numeric": ((HEADER + "1,2,3,4,5\n1,abc,3,4,5\n").encode(), ["line 3", "'rainfall'", "not a number"]),
+    "empty_cell": ((HEADER + "1,2,3,4,5\n1,2,,4,5\n").encode(), ["line 3", "'humidity'", "empty"]),
+    "nan": ((HEADER + "1,2,3,nan,5\n").encode(), ["line 2", "'apples'"]),
+    "inf": ((HEADER + "1,2,3,4,5\n1,2,3,4,inf\n").encode(), ["line 3", "'oranges'", "finite"]),
+    "too_large_for_float32": ((HEADER + "1,2,3,4,1e39\n").encode(), ["line 2", "'oranges'", "float32"]),
+    "ragged_row": ((HEADER + "1,2,3,4,5\n1,2,3,4\n").encode(), ["line 3", "expected 5 values", "got 4"]),
+    "wrong_delimiter": (b"temp;rainfall;humidity;apples;oranges\n1;2;3;4;5\n", ["missing column", "comma-separated"]),
+    "binary_garbage": (bytes(range(256)) * 4, ["not a readable UTF-8 CSV"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_csv_raises_one_line_error_naming_file_and_place(tmp_path, case):
+    content, fragments = BAD_FILES[case]
+    path = tmp_path / f"{case}.csv"
+    path.write_bytes(content)
+    with pytest.raises(CropYieldError) as info:
+        read_table(path, COLUMNS)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CropYieldError, match="no such file"):
+        read_table(tmp_path / "nope.csv", COLUMNS)
+    with pytest.raises(CropYieldError, match="is a directory"):
+        read_table(tmp_path, COLUMNS)
+
+
+def test_unsupported_extension(tmp_path):
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(CropYieldError, match="unsupported file type"):
+        read_table(tmp_path / "d.xlsx", COLUMNS)
+
+
+def test_utf8_bom_and_blank_lines_just_work(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(("\ufeff" + HEADER + "1,2,3,4,5\n\n6,7,8,9,10\n").encode())
+    table = read_table(path, COLUMNS)
+    assert table.dtype == np.float32 and table.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+
+
+def test_standard_library_reader_gives_the_same_table(tmp_path, monkeypatch):
+    path = tmp_path / "d.csv"
+    path.write_text(HEADER + "".join(f"{i},{i / 3},{-i},{i * 1e3},{i % 7}\n" for i in range(50)))
+    fast = read_table(path, COLUMNS[::-1])
+    monkeypatch.setattr("cropyield.files._pyarrow", lambda: None)
+    slow = read_table(path, COLUMNS[::-1])
+    assert np.array_equal(fast, slow) and fast.flags.c_contiguous
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setattr("cropyield.files._pyarrow", lambda: None)
+    with pytest.raises(CropYieldError, match=r"pip install 'cropyield\[arrow\]'"):
+        read_table(tmp_path / "d.parquet", COLUMNS)
+
+
+def test_parquet_bad_values_name_row_and_column(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    good = {c: [1.0, 2.0, 3.0] for c in COLUMNS}
+    pq.write_table(pa.table({**good, "rainfall": [1.0, None, 3.0]}), tmp_path / "null.parquet")
+    with pytest.raises(CropYieldError, match=r"row 2, column 'rainfall'"):
+        read_table(tmp_path / "null.parquet", COLUMNS)
+    pq.write_table(pa.table({**good, "apples": ["a", "b", "c"]}), tmp_path / "text.parquet")
+    with pytest.raises(CropYieldError, match=r"column 'apples': has type string"):
+        read_table(tmp_path / "text.parquet", COLUMNS)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(CropYieldError, match="not a readable Parquet file"):
+        read_table(tmp_path / "junk.parquet", COLUMNS)
+
+
+def _check_result_or_error(path, columns):
+    try:
+        table = read_table(path, columns)
+    except CropYieldError as err:
+        assert "\n" not in str(err)
+        return
+    assert table.dtype == np.float32 and table.ndim == 2 and table.shape[1] == len(columns)
+    assert len(table) > 0 and np.isfinite(table).all()
+
+
+cells = st.one_of(
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(max_size=6),
+    st.sampled_from(["", " ", "nan", "NA", "1e40", "-0", "1_0", '"3"', "0x10"]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.lists(cells, min_size=1, max_size=4), max_size=6))
+def test_property_csv_like_text_gives_a_float32_table_or_cropyield_error(tmp_path, rows):
+    path = tmp_path / "p.csv"
+    path.write_text("a,b,c\n" + "\n".join(",".join(row) for row in rows), encoding="utf-8", errors="surrogatepass")
+    _check_result_or_error(path, ["a", "c"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+)
+def test_property_arbitrary_bytes_give_a_float32_table_or_cropyield_error(tmp_path, content):
+    path = tmp_path / "p.csv"
+    path.write_bytes(content)
+    _check_result_or_error(path, ["a"])
+    (tmp_path / "p.parquet").write_bytes(content)
+    _check_result_or_error(tmp_path / "p.parquet", ["a"])
