@@ -38,6 +38,7 @@ FEATURE_NAMES = ("temp", "rainfall", "humidity")
 TARGET_NAMES = ("apples", "oranges")
 
 FAST_PATH_MIN_ROWS = 50_000
+MIN_ROWS = 2
 
 
 class CropYieldDataModule(L.LightningDataModule):
@@ -179,10 +180,12 @@ class CropYieldDataModule(L.LightningDataModule):
             return
         rows = self._load(targets_required=True)
         n_val = round(len(rows) * self.val_fraction)
-        if self.val_fraction > 0 and not 1 <= n_val < len(rows):
+        # Two rows at least on each side: R² is undefined on one.
+        if len(rows) < MIN_ROWS or (self.val_fraction > 0 and not MIN_ROWS <= n_val <= len(rows) - MIN_ROWS):
+            split = f" to hold out val_fraction={self.val_fraction}" if self.val_fraction else ""
             raise CropYieldError(
-                f"{self._source_name()}: {len(rows)} rows are too few to hold out val_fraction="
-                f"{self.val_fraction} (need at least one row for training and one for validation)"
+                f"{self._source_name()}: {len(rows)} rows are too few{split} (need at least {MIN_ROWS} rows for "
+                f"training and, when held out, {MIN_ROWS} for validation)"
             )
         if n_val:
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self._seed()))

@@ -44,8 +44,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every record and checks its CRC-32
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise CropYieldError(f"{path}: not a PyTorch checkpoint, or truncated ({err})") from None
+    except Exception as err:  # untrusted bytes: any failure to parse means "not a valid checkpoint"
+        raise CropYieldError(f"{path}: not a PyTorch checkpoint, or truncated ({_brief(err)})") from None
     if bad is not None:
         raise CropYieldError(f"{path}: corrupted checkpoint (CRC mismatch in {bad!r}); use another copy")
     try:
@@ -57,11 +57,15 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
             f"{path}: refused, it holds pickled objects that are not tensors or plain values ({detail[:160]}); "
             "cropyield never runs code from a checkpoint"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
-        raise CropYieldError(f"{path}: unreadable checkpoint ({' '.join(str(err).split())[:160]})") from None
+    except Exception as err:  # untrusted bytes, as above
+        raise CropYieldError(f"{path}: unreadable checkpoint ({_brief(err)})") from None
     if not isinstance(checkpoint, dict):
         raise CropYieldError(f"{path}: not a cropyield checkpoint (no state_dict)")
     return checkpoint
+
+
+def _brief(err: BaseException) -> str:
+    return " ".join(str(err).split())[:160] or type(err).__name__
 
 
 def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tensor]]:

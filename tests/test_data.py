@@ -141,8 +141,13 @@ def test_bad_arguments_raise_cropyield_error(kwargs, message):
         CropYieldDataModule(**kwargs)
 
 
+def test_one_row_is_too_few_to_train():
+    with pytest.raises(CropYieldError, match="1 rows are too few"):
+        CropYieldDataModule(limit_rows=1).setup("fit")
+
+
 def test_too_few_rows_for_the_split():
-    dm = CropYieldDataModule(limit_rows=1, val_fraction=0.5)
+    dm = CropYieldDataModule(limit_rows=3, val_fraction=0.5)
     with pytest.raises(CropYieldError, match="too few"):
         dm.setup("fit")
 

@@ -1,0 +1,315 @@
+"""The console commands, driven in subprocesses as a user would (and in-process for --help)."""
+
+import inspect
+import json
+import re
+import sys
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from cropyield import INPUTS, TARGETS, CropYieldDataModule, CropYieldRegressor, ManualSGDRegressor, load_regressor
+from cropyield.cli import cli_main
+
+from .conftest import assert_one_line_error, run, write_csv
+from .test_files import BAD_FILES
+from .test_model import tutorial_from_scratch
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tutorial run of `cropyield fit` with no arguments, shared by the tests below."""
+    folder = tmp_path_factory.mktemp("fit")
+    result = run("cropyield", "fit", cwd=folder)
+    return folder, result
+
+
+def test_fit_with_no_arguments_is_the_tutorial_run(trained):
+    folder, result = trained
+    lines = re.findall(r"^Epoch \[(\d+)/100\], Loss: \d+\.\d{4}$", result.stdout, flags=re.M)
+    assert lines == [str(e) for e in range(10, 101, 10)]
+    assert re.search(
+        r"^Final training MSE: [\d.]+ \(least-squares optimum on the same rows: 0\.909\d\)$", result.stdout, re.M
+    )
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((folder / "checkpoints").glob("best-epoch*.ckpt"))) == 1
+    config = yaml.safe_load(next((folder / "lightning_logs").glob("version_*/config.yaml")).read_text())
+    assert config["seed_everything"] == 42 and config["trainer"]["max_epochs"] == 100
+    assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr
+
+
+def test_fit_equals_the_tutorial_loop_from_the_default_seed(trained):
+    folder, _ = trained
+    torch.manual_seed(42)
+    reference = nn.Linear(3, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(INPUTS, TARGETS), 5, shuffle=True)
+    opt = torch.optim.SGD(reference.parameters(), lr=1e-5)
+    for _ in range(100):
+        for xb, yb in loader:
+            torch.nn.functional.mse_loss(reference(xb), yb).backward()
+            opt.step()
+            opt.zero_grad()
+    model = load_regressor(folder / "checkpoints" / "last.ckpt")
+    assert torch.equal(model.linear.weight, reference.weight) and torch.equal(model.linear.bias, reference.bias)
+
+
+def test_checkpoints_load_weights_only_and_hold_no_foreign_absolute_paths(trained):
+    folder, _ = trained
+    for path in (folder / "checkpoints").glob("*.ckpt"):
+        checkpoint = torch.load(path, weights_only=True)
+        without_callbacks = {k: v for k, v in checkpoint.items() if k != "callbacks"}
+        assert str(folder) not in repr(without_callbacks)  # only ModelCheckpoint's own state names its folder
+
+
+def test_predict_json_equals_the_in_process_model(trained):
+    folder, _ = trained
+    result = run(
+        "cropyield-predict", "--ckpt", "checkpoints/last.ckpt", "75", "63", "44", "80", "70", "50", "--json", cwd=folder
+    )
+    model = load_regressor(folder / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        expected = model(torch.tensor([[75.0, 63.0, 44.0], [80.0, 70.0, 50.0]]))
+    assert json.loads(result.stdout) == [{"apples": a, "oranges": o} for a, o in expected.tolist()]
+
+
+def test_predict_prints_yields_with_units(trained):
+    folder, _ = trained
+    result = run("cropyield-predict", "--ckpt", "checkpoints/last.ckpt", "75", "63", "44", cwd=folder)
+    assert re.fullmatch(
+        r"temp=75, rainfall=63, humidity=44 -> apples \d+\.\d\d, oranges \d+\.\d\d \(tons per hectare\)\n",
+        result.stdout,
+    )
+
+
+def test_predict_csv_to_out_csv(trained, tmp_path):
+    folder, _ = trained
+    rows = [[20, 75, 63, 44], [21, 80, 70, 50]]
+    write_csv(tmp_path / "regions.csv", ["id", "temp", "rainfall", "humidity"], rows)
+    out = tmp_path / "out.csv"
+    run(
+        "cropyield-predict",
+        "--ckpt",
+        folder / "checkpoints" / "last.ckpt",
+        "--csv",
+        tmp_path / "regions.csv",
+        "--out",
+        out,
+        cwd=tmp_path,
+    )
+    lines = out.read_text().splitlines()
+    assert lines[0] == "temp,rainfall,humidity,apples,oranges"
+    model = load_regressor(folder / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        expected = model(torch.tensor([r[1:] for r in rows], dtype=torch.float32))
+    got = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]])
+    assert torch.equal(got[:, :3], torch.tensor([r[1:] for r in rows], dtype=torch.float32))
+    assert torch.equal(got[:, 3:], expected)
+
+
+def test_lightningcli_predict_writes_a_csv(trained, tmp_path):
+    folder, _ = trained
+    out = tmp_path / "p.csv"
+    run(
+        "cropyield",
+        "predict",
+        "--ckpt_path",
+        folder / "checkpoints" / "last.ckpt",
+        "--prediction_writer.output_path",
+        out,
+        cwd=tmp_path,
+    )
+    lines = out.read_text().splitlines()
+    assert lines[0] == "temp,rainfall,humidity,apples,oranges" and len(lines) == 16
+    model = load_regressor(folder / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        expected = model(INPUTS)
+    got = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]])
+    assert torch.equal(got[:, 3:], expected)
+
+
+def test_running_again_in_the_same_folder_works(trained):
+    folder, _ = trained
+    before = (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=folder)
+    assert (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns > before
+    assert not list((folder / "checkpoints").glob("last-v*.ckpt"))
+
+
+def test_manual_variant_through_its_config_equals_the_hand_written_loop(tmp_path):
+    result = run("cropyield", "fit", "--config", "from_scratch.yaml", cwd=tmp_path)
+    assert "Epoch [100/100]" in result.stdout
+    model = load_regressor(tmp_path / "checkpoints" / "last.ckpt")
+    assert isinstance(model, ManualSGDRegressor)
+    torch.manual_seed(42)
+    initial = nn.Linear(3, 2)
+    w, b = tutorial_from_scratch(initial.weight.detach(), initial.bias.detach())
+    assert torch.equal(model.linear.weight, w) and torch.equal(model.linear.bias, b)
+
+
+def test_model_flag_selects_the_manual_variant(tmp_path):
+    run("cropyield", "fit", "--model", "ManualSGDRegressor", "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert isinstance(load_regressor(tmp_path / "checkpoints" / "last.ckpt"), ManualSGDRegressor)
+
+
+def test_resume_with_ckpt_path_last_equals_an_uninterrupted_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run("cropyield", "fit", "--trainer.max_epochs", "8", cwd=tmp_path / "a")
+    run("cropyield", "fit", "--trainer.max_epochs", "3", cwd=tmp_path / "b")
+    resumed = run("cropyield", "fit", "--trainer.max_epochs", "8", "--ckpt_path", "last", cwd=tmp_path / "b")
+    assert "Restored all states" in resumed.stdout
+    a = load_regressor(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    b = load_regressor(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
+
+
+def test_file_with_seven_features_and_three_targets_needs_no_model_flags(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 7, generator=g)
+    y = x @ torch.rand(7, 3, generator=g) + 1
+    header = [f"x{i}" for i in range(7)] + ["t0", "t1", "t2"]
+    write_csv(tmp_path / "d.csv", header, torch.cat([x, y], 1).tolist())
+    run(
+        "cropyield",
+        "fit",
+        "--data.data_path",
+        "d.csv",
+        "--data.target_names",
+        "[t0, t1, t2]",
+        "--trainer.max_epochs",
+        "2",
+        cwd=tmp_path,
+    )
+    model = load_regressor(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.linear.weight.shape == (3, 7)
+    assert model.hparams.feature_names == header[:7] and model.hparams.target_names == ["t0", "t1", "t2"]
+    result = run("cropyield-predict", "--ckpt", "checkpoints/last.ckpt", *range(7), "--json", cwd=tmp_path)
+    assert list(json.loads(result.stdout)[0]) == ["t0", "t1", "t2"]
+
+
+@pytest.fixture
+def argv(monkeypatch):
+    """In-process CLI calls: sys.argv holds only the program, as under the console script."""
+    monkeypatch.setattr(sys, "argv", ["cropyield"])
+
+
+def documented(cls, name: str) -> str:
+    """The first words of an argument's description in a Google-style docstring."""
+    return " ".join(cls.__doc__.split(f"    {name}:")[1].split("\n")[0].split()[:4])
+
+
+def test_help_documents_every_argument(argv, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in inspect.signature(CropYieldDataModule).parameters:
+        assert f"--data.{name}" in text and documented(CropYieldDataModule, name) in text, name
+    assert "--model" in text and "--checkpoint.monitor" in text and "--report.every_n_epochs" in text
+    for cls in (CropYieldRegressor, ManualSGDRegressor):
+        with pytest.raises(SystemExit):
+            cli_main(["fit", "--model.help", cls.__name__])
+        text = " ".join(capsys.readouterr().out.split())
+        for name in inspect.signature(cls).parameters:
+            assert f"--model.{name}" in text and documented(cls, name) in text, name
+
+
+def test_print_config_round_trip(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.lr", "2e-05", "--data.batch_size", "3", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["lr"] == 2e-05 and config["data"]["batch_size"] == 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run("cropyield", "fit", "--config", "config.yaml", "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert load_regressor(tmp_path / "checkpoints" / "last.ckpt").hparams.lr == 2e-05
+    saved = yaml.safe_load(next((tmp_path / "lightning_logs").glob("version_*/config.yaml")).read_text())
+    assert saved["data"]["batch_size"] == 3
+
+
+def test_shipped_configs_build(argv, tmp_path):
+    for name in ("tutorial.yaml", "from_scratch.yaml"):
+        cli = cli_main(["--config", name, f"--trainer.default_root_dir={tmp_path}"], run=False)
+        assert cli.trainer.max_epochs == 100
+    assert cli.datamodule.limit_rows == 5 and not cli.datamodule.shuffle
+
+
+# --- errors: one line on stderr, exit code 2, no traceback, nothing touched ---------------------
+
+
+@pytest.fixture
+def old_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"previous run")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [*sorted(BAD_FILES), "missing", "directory", "too_few_rows_for_split"])
+def test_fit_on_bad_data_is_one_line_exit_2_and_touches_no_checkpoint(tmp_path, old_checkpoint, case):
+    extra = []
+    if case in BAD_FILES:
+        (tmp_path / "d.csv").write_bytes(BAD_FILES[case][0])
+        fragments = ["d.csv", *BAD_FILES[case][1]]
+        if case == "missing_column":  # named features: by default every non-target column is one
+            extra = ["--data.feature_names", "[temp, rainfall, humidity]"]
+    elif case == "missing":
+        fragments = ["d.csv", "no such file"]
+    elif case == "directory":
+        (tmp_path / "d.csv").mkdir()
+        fragments = ["d.csv", "is a directory"]
+    else:
+        (tmp_path / "d.csv").write_text("temp,rainfall,humidity,apples,oranges\n1,2,3,4,5\n2,3,4,5,6\n3,4,5,6,7\n")
+        extra, fragments = ["--data.val_fraction", "0.5"], ["d.csv", "too few"]
+    result = run("cropyield", "fit", "--data.data_path", "d.csv", *extra, cwd=tmp_path, check_rc=None)
+    assert_one_line_error(result, "cropyield: error:", *fragments)
+    assert [p.name for p in old_checkpoint.iterdir()] == ["last.ckpt"]
+    assert (old_checkpoint / "last.ckpt").read_bytes() == b"previous run"
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory, trained):
+    folder = tmp_path_factory.mktemp("bad")
+    good = (trained[0] / "checkpoints" / "last.ckpt").read_bytes()
+    (folder / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    (folder / "text.ckpt").write_text("not a checkpoint")
+    (folder / "dir.ckpt").mkdir()
+    checkpoint = torch.load(trained[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["state_dict"]["linear.weight"] = torch.zeros(2, 5)
+    torch.save(checkpoint, folder / "shape.ckpt")
+    checkpoint["state_dict"]["linear.weight"] = torch.zeros(2, 3)
+    checkpoint["hyper_parameters"]["payload"] = __import__("tests.test_inference", fromlist=["x"]).CreatesFile(
+        folder / "pwned"
+    )
+    torch.save(checkpoint, folder / "evil.ckpt")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--ckpt", "nope.ckpt", "1", "2", "3"], ["nope.ckpt", "no such checkpoint"]),
+        (["--ckpt", "dir.ckpt", "1", "2", "3"], ["dir.ckpt", "is a directory"]),
+        (["--ckpt", "text.ckpt", "1", "2", "3"], ["text.ckpt", "not a PyTorch checkpoint"]),
+        (["--ckpt", "truncated.ckpt", "1", "2", "3"], ["truncated.ckpt"]),
+        (["--ckpt", "shape.ckpt", "1", "2", "3"], ["shape.ckpt", "shape (2, 5)"]),
+        (["--ckpt", "evil.ckpt", "1", "2", "3"], ["evil.ckpt", "refused"]),
+        (["--ckpt", "GOOD", "1", "2"], ["groups of 3 values", "got 2"]),
+        (["--ckpt", "GOOD", "1", "x", "3"], ["value 2", "'x'", "not a number"]),
+        (["--ckpt", "GOOD", "1", "nan", "3"], ["value 2", "not a finite number"]),
+        (["--ckpt", "GOOD", "1", "2", "inf"], ["value 3", "not a finite number"]),
+    ],
+)
+def test_predict_errors_are_one_line_exit_2(bad_checkpoints, trained, args, fragments):
+    args = [str(trained[0] / "checkpoints" / "last.ckpt") if a == "GOOD" else a for a in args]
+    result = run("cropyield-predict", *args, cwd=bad_checkpoints, check_rc=None)
+    assert_one_line_error(result, "cropyield-predict: error:", *fragments)
+    assert not (bad_checkpoints / "pwned").exists()
+
+
+def test_lightning_routes_refuse_a_payload_checkpoint(bad_checkpoints):
+    for command in (["fit", "--ckpt_path", "evil.ckpt"], ["predict", "--ckpt_path", "evil.ckpt"]):
+        result = run("cropyield", *command, cwd=bad_checkpoints, check_rc=None)
+        assert_one_line_error(result, "evil.ckpt", "refused")
+    assert not (bad_checkpoints / "pwned").exists()
