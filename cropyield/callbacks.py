@@ -30,10 +30,13 @@ class ProgressReport(Callback):
 
     Args:
         every_n_epochs: print a progress line every this many epochs (0: never).
+        print_summary: print the final-MSE line when fit ends; it is kept in ``summary`` either way.
     """
 
-    def __init__(self, every_n_epochs: int = 10) -> None:
+    def __init__(self, every_n_epochs: int = 10, print_summary: bool = True) -> None:
         self.every_n_epochs = every_n_epochs
+        self.print_summary = print_summary
+        self.summary: str | None = None
         self._last_loss: torch.Tensor | None = None
 
     @override
@@ -74,7 +77,9 @@ class ProgressReport(Callback):
             scaled = pl_module._scale(inputs.to(pl_module.device))
             final = mse_of(scaled, targets.to(pl_module.device), pl_module.linear.weight, pl_module.linear.bias)
         optimum = least_squares(inputs, targets).mse
-        print(f"Final training MSE: {final:.4f} (least-squares optimum on the same rows: {optimum:.4f})", flush=True)
+        self.summary = f"Final training MSE: {final:.4f} (least-squares optimum on the same rows: {optimum:.4f})"
+        if self.print_summary:
+            print(self.summary, flush=True)
 
 
 def _training_rows(trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -22,6 +22,7 @@ from typing_extensions import override
 from cropyield.callbacks import AtomicCheckpointIO, CSVPredictionWriter, ProgressReport
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError
+from cropyield.inference import read_checkpoint
 from cropyield.model import CropYieldRegressor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -57,6 +58,16 @@ class CropYieldCLI(LightningCLI):
             ("standardize", "standardize"),
         ]:
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters here, before a Trainer exists: check
+        # the file first, so that a bad or malicious one is a one-line error, not a traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and (Path(ckpt_path).exists() or ckpt_path not in ("last", "best", "hpc")):
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
 
     @override
     def instantiate_trainer(self, **kwargs):

@@ -25,7 +25,8 @@ def mse(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(diff * diff) / diff.numel()
 
 
-def train(model: ManualSGDRegressor, data: CropYieldDataModule, **limits) -> None:
+def train(model: ManualSGDRegressor, data: CropYieldDataModule, **limits) -> ProgressReport:
+    report = ProgressReport(every_n_epochs=10, print_summary=False)
     trainer = L.Trainer(
         **limits,
         accelerator="auto",
@@ -33,9 +34,10 @@ def train(model: ManualSGDRegressor, data: CropYieldDataModule, **limits) -> Non
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ProgressReport(every_n_epochs=10)],
+        callbacks=[report],
     )
     trainer.fit(model, data)
+    return report
 
 
 def main() -> None:
@@ -53,12 +55,13 @@ def main() -> None:
     print(f"Loss before training: {loss():.4f}")
     train(model, data, max_steps=1)
     print(f"Loss after one step:  {loss():.4f}")
-    train(model, data, max_epochs=100)
+    report = train(model, data, max_epochs=100)
     print(f"Loss after 100 more epochs: {loss():.4f}")
     print("Predictions beside targets (apples, oranges):")
     torch.set_printoptions(precision=4, sci_mode=False)
     with torch.no_grad():
         print(torch.cat([inputs @ model.linear.weight.t() + model.linear.bias, targets], dim=1))
+    print(report.summary)
 
 
 if __name__ == "__main__":

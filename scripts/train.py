@@ -28,12 +28,13 @@ def main() -> None:
 
     L.seed_everything(args.seed)
     model = CropYieldRegressor()
+    report = ProgressReport(every_n_epochs=10, print_summary=False)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator="auto",
         default_root_dir=args.root,
         logger=CSVLogger(args.root),
-        callbacks=[ProgressReport(every_n_epochs=10)],
+        callbacks=[report],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -51,6 +52,7 @@ def main() -> None:
         "tons per hectare"
     )
     print(f"Checkpoint: {args.root}/checkpoints/train.ckpt")
+    print(report.summary)
 
 
 if __name__ == "__main__":
