@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,47 @@ class ProgressReport(Callback):
         self.summary = f"Final training MSE: {final:.4f} (least-squares optimum on the same rows: {optimum:.4f})"
         if self.print_summary:
             print(self.summary, flush=True)
+
+
+class StepTimer(Callback):
+    """Prints the mean wall time per training step: from each epoch's start to its last step's end
+    (validation and checkpointing excluded), the first epoch (warm-up) excluded.
+
+    Add it from the command line with ``--trainer.callbacks+=cropyield.callbacks.StepTimer``.
+    """
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+        self._start: float | None = None
+        self._first_step = 0
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= 1:
+            _synchronize(pl_module.device)
+            self._start, self._first_step = time.perf_counter(), trainer.global_step
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._start is not None and batch_idx == trainer.num_training_batches - 1:
+            _synchronize(pl_module.device)
+            self.seconds += time.perf_counter() - self._start
+            self.steps += trainer.global_step - self._first_step
+            self._start = None
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.steps and trainer.is_global_zero:
+            print(
+                f"Step time: {1e3 * self.seconds / self.steps:.3f} ms per training step "
+                f"({self.steps} steps after the first epoch)",
+                flush=True,
+            )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _training_rows(trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:

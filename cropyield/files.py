@@ -26,6 +26,7 @@ from cropyield.errors import CropYieldError
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_BLOCK = 16 << 20  # bytes of CSV parsed at a time
 
 
 def _pyarrow():
@@ -34,7 +35,6 @@ def _pyarrow():
     except ImportError:
         return None
     import pyarrow.csv
-    import pyarrow.parquet
 
     return pyarrow
 
@@ -123,34 +123,59 @@ def _read_csv(path: Path, columns: Sequence[str]) -> np.ndarray:
     if pa is None:
         return _read_csv_stdlib(path, columns)
     try:
-        table = pa.csv.read_csv(
-            path,
-            convert_options=pa.csv.ConvertOptions(
-                include_columns=list(columns),
-                column_types=dict.fromkeys(columns, pa.float32()),
-            ),
-        )
-        out = _arrow_to_numpy(table, columns)
+        return _read_csv_arrow(pa, path, columns)
     except (pa.ArrowException, OSError, ValueError):
-        out = None
-    if out is None or not np.isfinite(out).all():
         # Slow, exact pass: raises naming the first bad line and column, or returns the rows.
         return _read_csv_stdlib(path, columns)
-    return out
 
 
-def _arrow_to_numpy(table, columns: Sequence[str]) -> np.ndarray:
-    # Column by column, dropping each from the table once copied: np.empty's pages become
-    # resident only as they are written, so peak memory stays near one copy of the data.
-    out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
-    for j, name in enumerate(columns):
-        start = 0
-        for chunk in table.column(name).chunks:
-            values = chunk.to_numpy(zero_copy_only=False)
-            out[start : start + len(values), j] = values
-            start += len(values)
-        table = table.drop_columns([name])
-    return out
+def _read_csv_arrow(pa, path: Path, columns: Sequence[str]) -> np.ndarray:
+    """pyarrow's multithreaded parser over blocks of lines, each copied into the result at once.
+
+    A first pass counts the lines, so the result is allocated once (np.empty's pages become
+    resident only as rows are written); then each block of about ``_BLOCK`` bytes is parsed and
+    copied in. Peak memory is the result plus one block, not the whole file plus its parse.
+    """
+    names = read_columns(path)
+    read_options = pa.csv.ReadOptions(column_names=names, use_threads=True)
+    convert = pa.csv.ConvertOptions(include_columns=list(columns), column_types=dict.fromkeys(columns, pa.float32()))
+    with open(path, "rb") as f:
+        f.readline()  # the header, read above
+        start = f.tell()
+        # One reused buffer: 16 MB bytes objects made and freed per block would fragment the heap
+        # and keep most of the result's size again resident after the read.
+        buffer, lines = bytearray(_BLOCK), 1
+        while count := f.readinto(buffer):
+            lines += buffer.count(b"\n", 0, count)
+        out = np.empty((lines, len(columns)), dtype=np.float32)
+        f.seek(start)
+        held, rows = 0, 0
+        while True:
+            with memoryview(buffer) as view:
+                count = f.readinto(view[held:])
+            end = held + count
+            cut = buffer.rfind(b"\n", 0, end) + 1 if count else end
+            if count and not cut:  # a line longer than the buffer
+                buffer.extend(bytes(len(buffer)))
+                held = end
+                continue
+            if cut:
+                with memoryview(buffer) as view:
+                    table = pa.csv.read_csv(
+                        pa.py_buffer(view[:cut]), read_options=read_options, convert_options=convert
+                    )
+                for batch in table.to_batches():
+                    block = out[rows : rows + batch.num_rows]
+                    for j, name in enumerate(columns):
+                        block[:, j] = batch.column(name).to_numpy(zero_copy_only=False)
+                    if not np.isfinite(block).all():  # NaN (or an empty cell), inf, out of float32 range
+                        raise ValueError("non-finite value")
+                    rows += batch.num_rows
+                del table
+            if not count:
+                return out[:rows]
+            buffer[: end - cut] = buffer[cut:end]
+            held = end - cut
 
 
 def _read_csv_stdlib(path: Path, columns: Sequence[str]) -> np.ndarray:
@@ -194,8 +219,10 @@ def _parquet_file(path: Path):
     pa = _pyarrow()
     if pa is None:
         raise CropYieldError(f"{path}: reading Parquet needs pyarrow; install it with: pip install 'cropyield[arrow]'")
+    import pyarrow.parquet as pq
+
     try:
-        return pa.parquet.ParquetFile(path)
+        return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
 

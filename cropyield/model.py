@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -86,6 +87,18 @@ class CropYieldRegressor(L.LightningModule):
         return self._common_step(batch, "train")
 
     @override
+    def on_train_epoch_start(self) -> None:
+        # The epoch's mean training loss is summed here and logged once an epoch: `self.log` on
+        # every step costs about 0.7 ms on a CPU, a quarter of a 65,536-row step.
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_rows = 0
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        if self._loss_rows:
+            self.log("train/loss", self._loss_sum / self._loss_rows, sync_dist=True)
+
+    @override
     def validation_step(self, batch, batch_idx: int) -> None:
         self._common_step(batch, "val")
 
@@ -146,8 +159,7 @@ class CropYieldRegressor(L.LightningModule):
         preds = self(x)
         if stage == "train":
             loss = F.mse_loss(preds, y)
-            self._check_finite(loss)
-            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+            self._track(loss, len(x))
             return loss
         (self.val_metrics if stage == "val" else self.test_metrics).update(preds, y)
         return None
@@ -164,12 +176,16 @@ class CropYieldRegressor(L.LightningModule):
                 logged[f"{stage}/{name}_{target}"] = value
         self.log_dict(logged)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
+    def _track(self, loss: torch.Tensor, rows: int) -> None:
+        """Stops a diverging run at this step, before its update; adds the loss to the epoch's mean."""
+        value = loss.item()
+        if not math.isfinite(value):
             raise TrainingDivergedError(
                 f"training diverged at epoch {self.current_epoch + 1}, step {self.global_step + 1}: "
-                f"the loss is {loss.item()}; {_REMEDY}"
+                f"the loss is {value}; {_REMEDY}"
             )
+        self._loss_sum += loss.detach() * rows
+        self._loss_rows += rows
 
 
 _REMEDY = "lower the learning rate (--model.lr) or standardize the inputs (--data.standardize true)"
@@ -233,12 +249,11 @@ class ManualSGDRegressor(CropYieldRegressor):
         preds = self._scale(x) @ w.t() + b
         diff = preds - y
         loss = torch.sum(diff * diff) / diff.numel()
-        self._check_finite(loss)
+        self._track(loss, len(x))
         self.manual_backward(loss)
         optimizer = self.optimizers()
         optimizer.step()
         optimizer.zero_grad()
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(x))
         return loss.detach()
 
     @override
