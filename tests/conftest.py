@@ -36,9 +36,11 @@ def tutorial_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "tutorial.csv", (*FEATURE_NAMES, *TARGET_NAMES), rows)
 
 
-def run(command: str, *args, cwd: Path, check_rc: int | None = 0, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs one of the package's console commands as a user would, in ``cwd``."""
-    env = dict(os.environ)
+def run(
+    command: str, *args, cwd: Path, check_rc: int | None = 0, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Runs one of the package's console commands as a user would, in ``cwd`` (``env`` adds variables)."""
+    env = {**os.environ, **(env or {})}
     result = subprocess.run(
         [str(BIN / command), *map(str, args)],
         check=False,

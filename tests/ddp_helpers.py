@@ -1,0 +1,32 @@
+"""A callback that records, per DDP rank, the rows trained on, the checkpoint writes and the final
+weights; the distributed tests add it with ``--trainer.callbacks+=tests.ddp_helpers.RecordRank``."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class RecordRank(L.Callback):
+    def setup(self, trainer, pl_module, stage):
+        self.folder = Path(trainer.default_root_dir)
+        self.rows, self.writes = [], []
+        io = trainer.strategy.checkpoint_io
+        save = io.save_checkpoint
+
+        def recorded(checkpoint, path, storage_options=None):
+            self.writes.append(Path(path).name)
+            return save(checkpoint, path, storage_options)
+
+        io.save_checkpoint = recorded
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0:
+            self.rows += batch[0].tolist()
+
+    def on_fit_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        torch.save(pl_module.linear.state_dict(), self.folder / f"rank{rank}.pt")
+        record = {"rows": self.rows, "writes": self.writes, "world_size": trainer.world_size}
+        (self.folder / f"rank{rank}.json").write_text(json.dumps(record))
