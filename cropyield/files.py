@@ -26,7 +26,7 @@ from cropyield.errors import CropYieldError
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_BLOCK = 16 << 20  # bytes of CSV parsed at a time
+_BLOCK = 16 << 20  # the most bytes of CSV parsed at a time (an eighth of the file, from 1 MB on)
 
 
 def _pyarrow():
@@ -132,24 +132,21 @@ def _read_csv(path: Path, columns: Sequence[str]) -> np.ndarray:
 def _read_csv_arrow(pa, path: Path, columns: Sequence[str]) -> np.ndarray:
     """pyarrow's multithreaded parser over blocks of lines, each copied into the result at once.
 
-    A first pass counts the lines, so the result is allocated once (np.empty's pages become
-    resident only as rows are written); then each block of about ``_BLOCK`` bytes is parsed and
-    copied in. Peak memory is the result plus one block, not the whole file plus its parse.
+    The result is allocated once for the most rows the file can hold (a row takes at least two
+    bytes a column); np.empty's pages become resident only as rows are written, and the unused
+    tail is released at the end without a copy. Peak memory is the result plus one block, not the
+    whole file plus its parse.
     """
     names = read_columns(path)
     read_options = pa.csv.ReadOptions(column_names=names, use_threads=True)
     convert = pa.csv.ConvertOptions(include_columns=list(columns), column_types=dict.fromkeys(columns, pa.float32()))
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         f.readline()  # the header, read above
-        start = f.tell()
+        out = np.empty((size // (2 * len(names)) + 1, len(columns)), dtype=np.float32)
         # One reused buffer: 16 MB bytes objects made and freed per block would fragment the heap
         # and keep most of the result's size again resident after the read.
-        buffer, lines = bytearray(min(_BLOCK, os.fstat(f.fileno()).st_size + 1)), 1
-        while count := f.readinto(buffer):
-            lines += buffer.count(b"\n", 0, count)
-        out = np.empty((lines, len(columns)), dtype=np.float32)
-        f.seek(start)
-        held, rows = 0, 0
+        buffer, held, rows = bytearray(min(_BLOCK, max(_BLOCK // 16, size // 8))), 0, 0
         while True:
             with memoryview(buffer) as view:
                 count = f.readinto(view[held:])
@@ -173,7 +170,8 @@ def _read_csv_arrow(pa, path: Path, columns: Sequence[str]) -> np.ndarray:
                     rows += batch.num_rows
                 del table
             if not count:
-                return out[:rows]
+                out.resize((rows, len(columns)), refcheck=False)  # realloc: shrinks in place
+                return out
             buffer[: end - cut] = buffer[cut:end]
             held = end - cut
 
