@@ -6,9 +6,9 @@ Run from the repository root (needs the ``arrow`` extra, pandas for its reader):
     python scripts/benchmark.py --rows 1e6 --device cuda --skip-tutorial
 
 For each N, in a fresh process: the CSV (written by make_data.py, cached in bench-data/) is
-read by cropyield, numpy.loadtxt, pandas and pyarrow; then one training step stream at batch
-65,536 is timed four ways: the Lightning Trainer over CropYieldDataModule's fast path, the best
-hand-written loop (randperm + index_select on one combined tensor), the naive ``X[idx], Y[idx]``
+read by cropyield, pyarrow, pandas and numpy.loadtxt, each in its own process; then training at
+batch 65,536 is timed five ways (best of three interleaved rounds): the Lightning Trainer over CropYieldDataModule's fast path (with
+CropYieldRegressor, and with a bare LightningModule), the best hand-written loop (randperm + index_select on one combined tensor), the naive ``X[idx], Y[idx]``
 loop, and the default ``DataLoader(TensorDataset, shuffle=True)``. On ``--device cuda`` the rows
 are moved to the GPU once. Prints Markdown tables.
 """
@@ -214,13 +214,15 @@ def one(n: int, device: torch.device, seconds: float, data_dir: Path, skip_inges
         row["ingest"] = ingest(path, columns)
     rows = torch.from_numpy(read_table(path, columns)).to(device)
     f = 3
+    # Three interleaved rounds, the best of each variant kept: this machine is shared and noisy.
     speeds = {}
-    for kind in ("gathered", "indexed", "dataloader"):
-        budget = seconds if kind != "dataloader" else min(seconds, 5)
-        speeds[kind] = timed_loop(hand_written(kind, rows, f, device), device, budget)
-    steps = max(10, int(seconds * speeds["gathered"] / BATCH))
-    speeds["trainer"] = trainer_speed(rows, f, device, steps)
-    speeds["bare"] = trainer_speed(rows, f, device, steps, bare=True)
+    for _ in range(3):
+        for kind in ("gathered", "indexed", "dataloader"):
+            speed = timed_loop(hand_written(kind, rows, f, device), device, seconds / 3)
+            speeds[kind] = max(speeds.get(kind, 0), speed)
+        steps = max(10, int(seconds / 3 * speeds["gathered"] / BATCH))
+        for kind, bare in (("trainer", False), ("bare", True)):
+            speeds[kind] = max(speeds.get(kind, 0), trainer_speed(rows, f, device, steps, bare=bare))
     row["speed"] = speeds
     row["final_mse"], row["optimum_mse"] = quality(rows, f, device)
     row["peak_rss_mb"] = rss_mb()
@@ -299,7 +301,9 @@ def main() -> None:
         "--rows", type=float, nargs="+", default=[1e5, 1e6, 1e7], help="row counts (default: 1e5 1e6 1e7)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="time budget per training variant (default: 3)")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="time per training variant, over 3 rounds (default: 3)"
+    )
     parser.add_argument("--data-dir", type=Path, default=ROOT / "bench-data", help="where the CSV files are cached")
     parser.add_argument("--skip-ingest", action="store_true", help="skip the readers' comparison")
     parser.add_argument("--skip-tutorial", action="store_true", help="skip the tutorial end-to-end runs")
