@@ -7,10 +7,11 @@ Run from the repository root (needs the ``arrow`` extra, pandas for its reader):
 
 For each N, in a fresh process: the CSV (written by make_data.py, cached in bench-data/) is
 read by cropyield, pyarrow, pandas and numpy.loadtxt, each in its own process; then training at
-batch 65,536 is timed five ways (best of three interleaved rounds): the Lightning Trainer over CropYieldDataModule's fast path (with
-CropYieldRegressor, and with a bare LightningModule), the best hand-written loop (randperm + index_select on one combined tensor), the naive ``X[idx], Y[idx]``
-loop, and the default ``DataLoader(TensorDataset, shuffle=True)``. On ``--device cuda`` the rows
-are moved to the GPU once. Prints Markdown tables.
+batch 65,536 is timed five ways, best of three interleaved rounds: the Lightning Trainer over
+CropYieldDataModule's fast path (with CropYieldRegressor, and with a bare LightningModule), the
+best hand-written loop (randperm + index_select on one combined tensor), the naive
+``X[idx], Y[idx]`` loop, and the default ``DataLoader(TensorDataset, shuffle=True)``. On
+``--device cuda`` the rows are moved to the GPU once. Prints Markdown tables.
 """
 
 import argparse
