@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from cropyield.inference import read_checkpoint
@@ -48,11 +48,9 @@ class ProgressReport(Callback):
         lr = pl_module.hparams.lr
         bound = max_stable_lr(pl_module._scale(rows[0].to(pl_module.device)), rows[1].shape[1])
         if lr > bound:
-            warnings.warn(
+            rank_zero_warn(
                 f"lr={lr:g} is above the largest stable SGD step for this data ({bound:.3g}); training "
-                "will likely diverge: lower the learning rate or standardize the inputs",
-                UserWarning,
-                stacklevel=1,
+                "will likely diverge: lower the learning rate or standardize the inputs"
             )
 
     @override

@@ -92,9 +92,8 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if limit_rows is not None and limit_rows < 1:
             raise CropYieldError(f"limit_rows must be at least 1, got {limit_rows}")
-        self.data_path = (
-            os.fspath(data_path if data_path is not None else csv_path) if (data_path or csv_path) else None
-        )
+        path = data_path if data_path is not None else csv_path
+        self.data_path = os.fspath(path) if path is not None else None
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.val_fraction = val_fraction
