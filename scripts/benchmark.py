@@ -1,6 +1,6 @@
 """Benchmark: ingest speed, training throughput, peak memory and the tutorial run end to end.
 
-Run from the repository root (needs the ``arrow`` extra, pandas for its reader):
+Run from the repository root (needs the ``bench`` extra: pyarrow, and pandas to compare with):
 
     python scripts/benchmark.py                       # N = 1e5, 1e6, 1e7 rows on the CPU
     python scripts/benchmark.py --rows 1e6 --device cuda --skip-tutorial
