@@ -143,6 +143,16 @@ def main() -> None:
                 handler.setStream(sys.stdout)
     try:
         cli_main()
-    except CropYieldError as err:
-        print(f"cropyield: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"cropyield: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(err: BaseException | None) -> CropYieldError | None:
+    """The CropYieldError behind ``err``: jsonargparse wraps errors raised while it builds the model."""
+    while err is not None and not isinstance(err, CropYieldError):
+        err = err.__cause__ or err.__context__
+    return err

@@ -268,6 +268,20 @@ def test_fit_on_bad_data_is_one_line_exit_2_and_touches_no_checkpoint(tmp_path, 
     assert (old_checkpoint / "last.ckpt").read_bytes() == b"previous run"
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--model.lr", "-1"], "lr must be positive, got -1.0"),
+        (["--data.batch_size", "0"], "batch_size must be at least 1, got 0"),
+        (["--data.val_fraction", "2"], "val_fraction must be in [0, 1), got 2.0"),
+    ],
+)
+def test_fit_with_bad_arguments_is_one_line_exit_2(tmp_path, args, fragment):
+    result = run("cropyield", "fit", *args, cwd=tmp_path, check_rc=None)
+    assert_one_line_error(result, "cropyield: error:", fragment)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.fixture(scope="module")
 def bad_checkpoints(tmp_path_factory, trained):
     folder = tmp_path_factory.mktemp("bad")
