@@ -72,14 +72,18 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
     """Validates a loaded checkpoint: returns the class name, constructor arguments and weights."""
     state = checkpoint.get("state_dict")
     hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(state, dict) or not isinstance(hparams, dict) or "linear.weight" not in state:
-        raise CropYieldError(f"{path}: not a cropyield checkpoint (no linear.weight in its state_dict)")
+    if (
+        not isinstance(state, dict)
+        or not isinstance(hparams, dict)
+        or not {"linear.weight", "linear.bias"} <= set(state)
+    ):
+        raise CropYieldError(f"{path}: not a cropyield checkpoint (no linear.weight and linear.bias in a state_dict)")
     meta = checkpoint.get("cropyield") if isinstance(checkpoint.get("cropyield"), dict) else {}
     variant = meta.get("class", "CropYieldRegressor")
     if variant not in _VARIANTS:
         raise CropYieldError(f"{path}: unknown model class {variant!r} (expected one of {list(_VARIANTS)})")
     kwargs = {k: hparams[k] for k in _HPARAMS if k in hparams}
-    weight, bias = state["linear.weight"], state.get("linear.bias")
+    weight, bias = state["linear.weight"], state["linear.bias"]
     expected = (kwargs.get("out_features", 2), kwargs.get("in_features", 3))
     if (
         not isinstance(weight, torch.Tensor)
@@ -89,6 +93,15 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
     ):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise CropYieldError(f"{path}: linear.weight has shape {got}, but its hyper-parameters say {expected}")
+    for name, size in (("feature_mean", expected[1]), ("feature_std", expected[1])):
+        if name in state and (not isinstance(state[name], torch.Tensor) or tuple(state[name].shape) != (size,)):
+            raise CropYieldError(f"{path}: {name} does not hold {size} values, one per feature")
+    for key, size in (("feature_names", expected[1]), ("target_names", expected[0])):
+        names = kwargs.get(key)
+        if names is not None and (
+            not isinstance(names, (list, tuple)) or len(names) != size or not all(isinstance(n, str) for n in names)
+        ):
+            raise CropYieldError(f"{path}: {key} must be {size} names, got {names!r:.80}")
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CropYieldError(f"{path}: {name} holds NaN or infinite values; the run that wrote it diverged")

@@ -134,6 +134,24 @@ def test_inconsistent_shape_is_refused(tmp_path, quiet):
         load_regressor(tmp_path / "bad.ckpt")
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["state_dict"].update(feature_mean=torch.zeros(4)), "feature_mean does not hold 3 values"),
+        (lambda c: c["hyper_parameters"].update(target_names=["apples"]), "target_names must be 2 names"),
+        (lambda c: c["state_dict"].pop("linear.bias"), "not a cropyield checkpoint"),
+    ],
+)
+def test_inconsistent_contents_are_refused(tmp_path, quiet, change, message):
+    fitted_checkpoint(tmp_path / "m.ckpt", quiet=quiet)
+    checkpoint = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    for load in (load_regressor, LinearPredictor.from_checkpoint):
+        with pytest.raises(CropYieldError, match=message):
+            load(tmp_path / "bad.ckpt")
+
+
 @pytest.mark.parametrize("where", ["hyper_parameters", "state_dict", "top_level"])
 def test_pickled_payloads_are_refused_without_side_effects(tmp_path, quiet, where):
     fitted_checkpoint(tmp_path / "m.ckpt", quiet=quiet)
