@@ -302,4 +302,6 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
 
 
+# Now, for the Trainer built before any hook runs; `setup` repeats it for warning filters that
+# were reset since (pytest resets them around every test).
 _quiet_lightning()
