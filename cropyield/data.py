@@ -150,8 +150,8 @@ class CropYieldDataModule(L.LightningDataModule):
             )
         if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
             raise CropYieldError("inputs and targets must be finite (found NaN or infinity)")
-        features = _names(inputs.shape[1], FEATURE_NAMES, "feature")
-        targets_ = _names(targets.shape[1], TARGET_NAMES, "target")
+        features = default_names(inputs.shape[1], FEATURE_NAMES, "feature")
+        targets_ = default_names(targets.shape[1], TARGET_NAMES, "target")
         dm = cls.__new__(cls)
         dm._memory = ((*features, *targets_), torch.cat([inputs, targets], dim=1))
         kwargs.setdefault("target_names", targets_)
@@ -287,7 +287,8 @@ class CropYieldDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
 
-def _names(count: int, tutorial: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+def default_names(count: int, tutorial: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """The tutorial's column names when there are as many, else ``prefix_0, prefix_1, ...``."""
     return tutorial if count == len(tutorial) else tuple(f"{prefix}_{i}" for i in range(count))
 
 

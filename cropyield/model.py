@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from typing_extensions import override
 
-from cropyield.data import FEATURE_NAMES, TARGET_NAMES
+from cropyield.data import FEATURE_NAMES, TARGET_NAMES, default_names
 from cropyield.errors import CropYieldError, TrainingDivergedError
 
 CHECKPOINT_FORMAT = 1
@@ -52,9 +52,11 @@ class CropYieldRegressor(L.LightningModule):
         # First, so that it draws its initial weights from the RNG exactly as the tutorial's does.
         self.linear = nn.Linear(in_features, out_features)
         feature_names = (
-            tuple(feature_names) if feature_names is not None else _names(in_features, FEATURE_NAMES, "feature")
+            tuple(feature_names) if feature_names is not None else default_names(in_features, FEATURE_NAMES, "feature")
         )
-        target_names = tuple(target_names) if target_names is not None else _names(out_features, TARGET_NAMES, "target")
+        target_names = (
+            tuple(target_names) if target_names is not None else default_names(out_features, TARGET_NAMES, "target")
+        )
         if len(feature_names) != in_features or len(target_names) != out_features:
             raise CropYieldError(
                 f"{len(feature_names)} feature names and {len(target_names)} target names do not match "
@@ -259,10 +261,6 @@ class ManualSGDRegressor(CropYieldRegressor):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return TutorialSGD(self.parameters(), lr=self.hparams.lr)
-
-
-def _names(count: int, tutorial: tuple[str, ...], prefix: str) -> tuple[str, ...]:
-    return tutorial if count == len(tutorial) else tuple(f"{prefix}_{i}" for i in range(count))
 
 
 def _metrics(num_targets: int) -> MetricCollection:

@@ -1,14 +1,10 @@
-"""Plain-PyTorch references: the least-squares optimum, SGD's stable step size, and the
-hand-written training loops the benchmark compares the Trainer against."""
+"""Plain-PyTorch references: the least-squares optimum and SGD's largest stable step size."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 _CHUNK = 1 << 20  # rows per chunk: keeps float64 work memory small on millions of rows
 
@@ -69,45 +65,3 @@ def max_stable_lr(inputs: torch.Tensor, num_targets: int) -> float:
         xc = torch.cat([xc.double(), torch.ones(len(xc), 1, dtype=torch.float64, device=xc.device)], dim=1)
         gram += xc.T @ xc
     return n * num_targets / float(torch.linalg.eigvalsh(gram)[-1])
-
-
-def fit_dataloader(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, lr: float, epochs: int
-) -> None:
-    """The tutorial's ``fit``: ``DataLoader(TensorDataset, shuffle=True)``, SGD, MSE."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    loader = DataLoader(TensorDataset(inputs, targets), batch_size, shuffle=True)
-    for _ in range(epochs):
-        for xb, yb in loader:
-            loss = F.mse_loss(model(xb), yb)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-
-def fit_indexed(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, lr: float, epochs: int
-) -> None:
-    """One ``randperm`` per epoch, batches gathered with ``inputs[idx], targets[idx]``."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(inputs), device=inputs.device).split(batch_size):
-            loss = F.mse_loss(model(inputs[idx]), targets[idx])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-
-def fit_gathered(
-    model: nn.Module, rows: torch.Tensor, num_features: int, batch_size: int, lr: float, epochs: int
-) -> None:
-    """The fastest hand-written loop: one ``randperm`` per epoch, one ``index_select`` per batch
-    from a combined ``[rows, features + targets]`` tensor."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(rows), device=rows.device).split(batch_size):
-            batch = rows.index_select(0, idx)
-            loss = F.mse_loss(model(batch[:, :num_features]), batch[:, num_features:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
