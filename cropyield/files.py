@@ -104,11 +104,12 @@ def read_table(path: str | os.PathLike, columns: Sequence[str]) -> np.ndarray:
         CropYieldError: naming the file and, where known, the line (CSV) or row (Parquet) and column.
     """
     path = _check_path(path)
-    check_columns(path, columns, read_columns(path))
+    names = read_columns(path)
+    check_columns(path, columns, names)
     if _kind(path) == "parquet":
         table = _read_parquet(path, columns)
     else:
-        table = _read_csv(path, columns)
+        table = _read_csv(path, names, columns)
     if len(table) == 0:
         raise CropYieldError(f"{path}: has a header but no data rows")
     return table
@@ -118,18 +119,18 @@ def _brief(err: BaseException) -> str:
     return " ".join(str(err).split())[:200] or type(err).__name__
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> np.ndarray:
+def _read_csv(path: Path, names: Sequence[str], columns: Sequence[str]) -> np.ndarray:
     pa = _pyarrow()
     if pa is None:
         return _read_csv_stdlib(path, columns)
     try:
-        return _read_csv_arrow(pa, path, columns)
+        return _read_csv_arrow(pa, path, names, columns)
     except (pa.ArrowException, OSError, ValueError):
         # Slow, exact pass: raises naming the first bad line and column, or returns the rows.
         return _read_csv_stdlib(path, columns)
 
 
-def _read_csv_arrow(pa, path: Path, columns: Sequence[str]) -> np.ndarray:
+def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]) -> np.ndarray:
     """pyarrow's multithreaded parser over blocks of lines, each copied into the result at once.
 
     The result is allocated once for the most rows the file can hold (a row takes at least two
@@ -137,12 +138,11 @@ def _read_csv_arrow(pa, path: Path, columns: Sequence[str]) -> np.ndarray:
     tail is released at the end without a copy. Peak memory is the result plus one block, not the
     whole file plus its parse.
     """
-    names = read_columns(path)
-    read_options = pa.csv.ReadOptions(column_names=names, use_threads=True)
+    read_options = pa.csv.ReadOptions(column_names=list(names), use_threads=True)
     convert = pa.csv.ConvertOptions(include_columns=list(columns), column_types=dict.fromkeys(columns, pa.float32()))
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        f.readline()  # the header, read above
+        f.readline()  # the header: its names were read by read_columns
         out = np.empty((size // (2 * len(names)) + 1, len(columns)), dtype=np.float32)
         # One reused buffer: 16 MB bytes objects made and freed per block would fragment the heap
         # and keep most of the result's size again resident after the read.
