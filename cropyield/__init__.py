@@ -14,6 +14,7 @@ __all__ = [
     "CropYieldDataModule",
     "CropYieldError",
     "CropYieldRegressor",
+    "LeastSquaresRegressor",
     "ManualSGDRegressor",
     "load_regressor",
     "predict",
@@ -27,6 +28,7 @@ _WHERE = {
     "CropYieldDataModule": "data",
     "CropYieldError": "errors",
     "CropYieldRegressor": "model",
+    "LeastSquaresRegressor": "model",
     "ManualSGDRegressor": "model",
     "load_regressor": "inference",
     "predict": "inference",
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from cropyield.data import FEATURE_NAMES, INPUTS, TARGET_NAMES, TARGETS, CropYieldDataModule
     from cropyield.errors import CropYieldError
     from cropyield.inference import load_regressor, predict
-    from cropyield.model import CropYieldRegressor, ManualSGDRegressor
+    from cropyield.model import CropYieldRegressor, LeastSquaresRegressor, ManualSGDRegressor
 
 
 def __getattr__(name: str):

@@ -15,9 +15,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from cropyield.errors import CropYieldWarning
 from cropyield.inference import read_checkpoint
-from cropyield.model import CropYieldRegressor
-from cropyield.reference import least_squares, max_stable_lr, mse_of
+from cropyield.model import BaseRegressor, LeastSquaresRegressor
+from cropyield.reference import Moments, max_stable_lr, solve
 
 
 class ProgressReport(Callback):
@@ -27,7 +28,8 @@ class ProgressReport(Callback):
       data (2 / the largest eigenvalue of the loss's Hessian);
     - every ``every_n_epochs`` epochs: ``Epoch [10/100], Loss: 860.4821``, the loss of the epoch's
       last batch, as the tutorial prints it;
-    - after training: the final training MSE next to the least-squares optimum on the same rows.
+    - after training: R² per target and the final training MSE next to the least-squares optimum on
+      the same rows, both from the data's float64 statistics (no second pass over the rows).
 
     Args:
         every_n_epochs: print a progress line every this many epochs (0: never).
@@ -42,20 +44,21 @@ class ProgressReport(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = _training_rows(trainer)
-        if rows is None or not isinstance(pl_module, CropYieldRegressor) or not trainer.is_global_zero:
+        moments = _statistics(trainer, pl_module)
+        if moments is None or "lr" not in pl_module.hparams or not trainer.is_global_zero:
             return
         lr = pl_module.hparams.lr
-        bound = max_stable_lr(pl_module._scale(rows[0].to(pl_module.device)), rows[1].shape[1])
+        bound = max_stable_lr(moments, pl_module.hparams.in_features)
         if lr > bound:
             rank_zero_warn(
                 f"lr={lr:g} is above the largest stable SGD step for this data ({bound:.3g}); training "
-                "will likely diverge: lower the learning rate or standardize the inputs"
+                "will likely diverge: lower the learning rate or standardize the inputs",
+                category=CropYieldWarning,
             )
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._last_loss = loss.detach()
 
@@ -68,17 +71,35 @@ class ProgressReport(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = _training_rows(trainer)
-        if rows is None or not isinstance(pl_module, CropYieldRegressor) or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
-        inputs, targets = rows
-        with torch.no_grad():
-            scaled = pl_module._scale(inputs.to(pl_module.device))
-            final = mse_of(scaled, targets.to(pl_module.device), pl_module.linear.weight, pl_module.linear.bias)
-        optimum = least_squares(inputs, targets).mse
-        self.summary = f"Final training MSE: {final:.4f} (least-squares optimum on the same rows: {optimum:.4f})"
+        moments = pl_module.moments if isinstance(pl_module, LeastSquaresRegressor) else None
+        moments = moments or _statistics(trainer, pl_module)
+        if moments is None:
+            return
+        p = pl_module.hparams.in_features
+        weight, bias = pl_module.linear.weight.detach(), pl_module.linear.bias.detach()
+        final = moments.mse(p, weight, bias)
+        r2 = moments.r2(p, weight, bias)
+        optimum = solve(moments, p).mse  # the least-squares optimum, whatever the model's own l2
+        names = pl_module.hparams.target_names
+        self.summary = (
+            "Training R²: " + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, r2.tolist(), strict=True)) + "\n"
+            f"Final training MSE: {float(final.mean()):.4f} (least-squares optimum on the same rows: {optimum:.4f})"
+        )
         if self.print_summary:
             print(self.summary, flush=True)
+
+
+def _statistics(trainer: L.Trainer, pl_module: L.LightningModule) -> Moments | None:
+    """The training rows' statistics, as the model sees them (standardized when it standardizes)."""
+    dm = trainer.datamodule
+    if not isinstance(pl_module, BaseRegressor) or dm is None or not hasattr(dm, "statistics"):
+        return None
+    moments = dm.statistics()
+    if pl_module.hparams.standardize:
+        moments = moments.scaled(pl_module.hparams.in_features, pl_module.feature_mean, pl_module.feature_std)
+    return moments
 
 
 class StepTimer(Callback):
@@ -120,11 +141,6 @@ class StepTimer(Callback):
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _training_rows(trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
-    dm = trainer.datamodule
-    return dm.training_rows() if dm is not None and hasattr(dm, "training_rows") else None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

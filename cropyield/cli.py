@@ -2,6 +2,7 @@
 
 cropyield fit                                     # the tutorial run: 100 epochs, batch 5, SGD at 1e-5
 cropyield fit --config from_scratch.yaml          # the manual-optimization variant (see configs/)
+cropyield fit --config exact.yaml                 # the exact least-squares fit in one pass
 cropyield fit --ckpt_path last                    # resume from checkpoints/last.ckpt
 cropyield predict --ckpt_path checkpoints/last.ckpt
 """
@@ -21,9 +22,9 @@ from typing_extensions import override
 
 from cropyield.callbacks import AtomicCheckpointIO, CSVPredictionWriter, ProgressReport
 from cropyield.data import CropYieldDataModule
-from cropyield.errors import CropYieldError
+from cropyield.errors import CropYieldError, one_line_warnings
 from cropyield.inference import read_checkpoint
-from cropyield.model import CropYieldRegressor
+from cropyield.model import BaseRegressor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_SEED = 42
@@ -114,14 +115,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
     """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv[1:]`` in tests.
 
     ``--config NAME`` also finds the configs shipped in ``cropyield/configs/`` (``tutorial.yaml``,
-    ``from_scratch.yaml``, ``fast.yaml``).
+    ``from_scratch.yaml``, ``fast.yaml``, ``exact.yaml``).
     """
     if args is None:  # the console script: LightningCLI reads sys.argv itself
         sys.argv[1:] = _resolve_configs(sys.argv[1:])
     else:
         args = _resolve_configs(args)
     return CropYieldCLI(
-        CropYieldRegressor,
+        BaseRegressor,
         CropYieldDataModule,
         subclass_mode_model=True,
         seed_everything_default=DEFAULT_SEED,
@@ -141,6 +142,7 @@ def main() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
                 handler.setStream(sys.stdout)
+    one_line_warnings("cropyield")
     try:
         cli_main()
     except Exception as err:

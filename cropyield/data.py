@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cropyield.errors import CropYieldError
 from cropyield.files import check_columns, read_columns, read_table
+from cropyield.reference import Moments
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
 # built-ins section. The first 5 rows are the from-scratch section's data.
@@ -126,6 +127,7 @@ class CropYieldDataModule(L.LightningDataModule):
         self._train: torch.Tensor | None = None  # [rows, features + targets]
         self._eval: torch.Tensor | None = None  # validation/test rows, same layout
         self._predict: torch.Tensor | None = None  # [rows, features (+ targets when present)]
+        self._statistics: Moments | None = None
 
     @classmethod
     def from_tensors(
@@ -193,10 +195,17 @@ class CropYieldDataModule(L.LightningDataModule):
         else:
             self._train = self._eval = rows
         if self.standardize:
-            inputs = self._train[:, : self.num_features].double()
-            self.feature_mean = inputs.mean(0).float()
-            std = inputs.std(0, correction=0).float()
-            self.feature_std = torch.where(std > 0, std, torch.ones_like(std))
+            mean, std = self.statistics().feature_scale(self.num_features)
+            self.feature_mean, self.feature_std = mean.float(), std.float()
+
+    def statistics(self) -> Moments:
+        """Float64 count, means and co-moments of the training rows ``[features | targets]``, computed
+        once: the least-squares optimum, ``standardize`` and the stable-step check all use them."""
+        if self._statistics is None:
+            if self._train is None:
+                raise RuntimeError("call setup('fit') first")
+            self._statistics = Moments.of_table(self._train)
+        return self._statistics
 
     def training_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training inputs and targets (views into one table); call after ``setup("fit")``."""
@@ -205,6 +214,10 @@ class CropYieldDataModule(L.LightningDataModule):
         return self._train[:, : self.num_features], self._train[:, self.num_features :]
 
     def train_dataloader(self):
+        if getattr(self.trainer and self.trainer.lightning_module, "exact_pass", False):
+            # The exact solver reads every training row once, each process a disjoint share.
+            rank, world = self._rank_and_world()
+            return SlicedBatches(self._train, self.num_features, self.batch_size, rank, world)
         if self.uses_fast_path:
             rank, world = self._rank_and_world()
             device = self.trainer.strategy.root_device if self.trainer is not None else None
@@ -273,7 +286,9 @@ class CropYieldDataModule(L.LightningDataModule):
                 (*FEATURE_NAMES, *TARGET_NAMES),
                 torch.cat([INPUTS, TARGETS], 1),
             )
-            rows = table[:, [columns.index(c) for c in wanted]]
+            order = [columns.index(c) for c in wanted]
+            # Columns already in order are a view: no second copy of the user's rows.
+            rows = table[:, : len(order)] if order == list(range(len(order))) else table[:, order]
         if self.limit_rows is not None:
             rows = rows[: self.limit_rows]
         return rows
@@ -347,7 +362,12 @@ class GatheredBatches:
 
 
 class SlicedBatches:
-    """Contiguous slices of the rows, in order; this rank's share of them under DDP."""
+    """Contiguous slices of the rows, in order; this rank's share of them under DDP.
+
+    Every row is served once across the ranks, and every rank yields the same number of batches
+    (Lightning runs a collective every training step under DDP, so unequal counts would hang):
+    a rank whose share is one row short makes its batches that much smaller.
+    """
 
     def __init__(
         self,
@@ -357,14 +377,15 @@ class SlicedBatches:
         rank: int = 0,
         world_size: int = 1,
     ):
-        share = math.ceil(len(rows) / world_size)
-        self.rows = rows[rank * share : (rank + 1) * share]
-        self.num_features, self.batch_size = num_features, batch_size
+        n = len(rows)
+        self.rows = rows[rank * n // world_size : (rank + 1) * n // world_size]  # shares differ by a row at most
+        self.num_features = num_features
+        self.batches = max(1, math.ceil(math.ceil(n / world_size) / batch_size))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
+        return self.batches
 
     def __iter__(self):
         f = self.num_features
-        for batch in self.rows.split(self.batch_size):
+        for batch in self.rows.tensor_split(self.batches):
             yield (batch[:, :f], batch[:, f:]) if batch.shape[1] > f else batch[:, :f]

@@ -11,6 +11,7 @@ plain value; nothing in it is ever executed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pickle
@@ -25,8 +26,8 @@ from torch import nn
 
 from cropyield.errors import CropYieldError
 
-_VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor")
-_HPARAMS = ("in_features", "out_features", "lr", "feature_names", "target_names", "standardize")
+_VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor", "LeastSquaresRegressor")
+_HPARAMS = ("in_features", "out_features", "lr", "l2", "feature_names", "target_names", "standardize")
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
@@ -109,7 +110,7 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
 
 
 def load_regressor(path: str | os.PathLike, map_location: str | torch.device | None = "cpu"):
-    """Loads a cropyield checkpoint of either variant and returns the model in eval mode.
+    """Loads a cropyield checkpoint of any variant and returns the model in eval mode.
 
     Works for checkpoints written by the ``cropyield`` command, the scripts, or plain Trainer code.
 
@@ -121,7 +122,9 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
 
     path = Path(path)
     variant, kwargs, state = _spec(path, read_checkpoint(path, map_location))
-    regressor = getattr(models, variant)(**kwargs)
+    cls = getattr(models, variant)
+    accepted = inspect.signature(cls).parameters
+    regressor = cls(**{k: v for k, v in kwargs.items() if k in accepted})
     try:
         regressor.load_state_dict(state)
     except RuntimeError as err:

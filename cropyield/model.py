@@ -1,4 +1,5 @@
-"""The regressor: ``nn.Linear`` + MSE + SGD, and its manual-optimization twin from the tutorial."""
+"""The regressors, sharing one ``self.linear`` layout: ``nn.Linear`` + MSE + SGD (automatic), its
+manual-optimization twin from the tutorial, and the exact least-squares fit in one pass."""
 
 from __future__ import annotations
 
@@ -6,47 +7,39 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from functools import reduce
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from typing_extensions import override
 
 from cropyield.data import FEATURE_NAMES, TARGET_NAMES, default_names
-from cropyield.errors import CropYieldError, TrainingDivergedError
+from cropyield.errors import CropYieldError, CropYieldWarning, TrainingDivergedError
+from cropyield.reference import LeastSquares, Moments, float32_fit, solve
 
 CHECKPOINT_FORMAT = 1
 
 
-class CropYieldRegressor(L.LightningModule):
-    """Linear regression of crop yields, trained with SGD on the mean squared error.
+class BaseRegressor(L.LightningModule):
+    """What every cropyield regressor shares: ``self.linear``, the input scaler, names and evaluation.
 
-    Args:
-        in_features: number of input columns (temperature, rainfall, humidity in the tutorial).
-        out_features: number of targets (apples, oranges in the tutorial).
-        lr: SGD learning rate; the tutorial's 1e-5 suits its raw inputs. Above about 1.1e-4 SGD
-            diverges on them; with standardized inputs 0.1 converges fast.
-        feature_names: names of the inputs, recorded in checkpoints. Default: the tutorial's when
-            there are 3, else ``feature_0, ...``.
-        target_names: names of the targets, used in metric names and predictions. Default: the
-            tutorial's when there are 2, else ``target_0, ...``.
-        standardize: standardize inputs with the per-feature mean and std that the
-            ``CropYieldDataModule(standardize=True)`` computes; stored in the checkpoint, so it
-            predicts on raw inputs.
+    The subclasses differ only in how they train; one checkpoint layout serves them all, so
+    :func:`~cropyield.inference.load_regressor`, ``cropyield-predict`` and the exports read any of them.
     """
 
     def __init__(
         self,
         in_features: int = 3,
         out_features: int = 2,
-        lr: float = 1e-5,
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
+        **hparams,
     ) -> None:
         super().__init__()
         # First, so that it draws its initial weights from the RNG exactly as the tutorial's does.
@@ -62,14 +55,12 @@ class CropYieldRegressor(L.LightningModule):
                 f"{len(feature_names)} feature names and {len(target_names)} target names do not match "
                 f"in_features={in_features} and out_features={out_features}"
             )
-        if not lr > 0:
-            raise CropYieldError(f"lr must be positive, got {lr}")
         # Plain values only, so a checkpoint loads with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
                 "in_features": in_features,
                 "out_features": out_features,
-                "lr": float(lr),
+                **hparams,
                 "feature_names": list(feature_names),
                 "target_names": list(target_names),
                 "standardize": bool(standardize),
@@ -77,7 +68,6 @@ class CropYieldRegressor(L.LightningModule):
         )
         self.register_buffer("feature_mean", torch.zeros(in_features))
         self.register_buffer("feature_std", torch.ones(in_features))
-        self._loss_sum, self._loss_rows = 0.0, 0  # this epoch's training loss, summed over its rows
         self.val_metrics = _metrics(out_features)
         self.test_metrics = _metrics(out_features)
 
@@ -86,44 +76,25 @@ class CropYieldRegressor(L.LightningModule):
         return self.linear(self._scale(x))
 
     @override
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train")
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        # The epoch's mean training loss is summed in `_track` and logged once an epoch: `self.log`
-        # on every step costs about 0.7 ms on a CPU, a quarter of a 65,536-row step.
-        self._loss_sum, self._loss_rows = 0.0, 0
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        if self._loss_rows:
-            self.log("train/loss", self._loss_sum / self._loss_rows, sync_dist=True)
-
-    @override
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._common_step(batch, "val")
+        self._evaluate(batch, self.val_metrics)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
+        self._log_metrics("val", self.val_metrics)
 
     @override
     def test_step(self, batch, batch_idx: int) -> None:
-        self._common_step(batch, "test")
+        self._evaluate(batch, self.test_metrics)
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
+        self._log_metrics("test", self.test_metrics)
 
     @override
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
-
-    @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     @override
     def setup(self, stage: str) -> None:
@@ -156,18 +127,11 @@ class CropYieldRegressor(L.LightningModule):
             return (x - self.feature_mean) / self.feature_std
         return x
 
-    def _common_step(self, batch, stage: str) -> torch.Tensor | None:
+    def _evaluate(self, batch, metrics: MetricCollection) -> None:
         x, y = batch
-        preds = self(x)
-        if stage == "train":
-            loss = F.mse_loss(preds, y)
-            self._track(loss, len(x))
-            return loss
-        (self.val_metrics if stage == "val" else self.test_metrics).update(preds, y)
-        return None
+        metrics.update(self(x), y)
 
-    def _log_metrics(self, stage: str) -> None:
-        collection = self.val_metrics if stage == "val" else self.test_metrics
+    def _log_metrics(self, stage: str, collection: MetricCollection) -> None:
         values = collection.compute()
         collection.reset()
         logged = {}
@@ -177,6 +141,60 @@ class CropYieldRegressor(L.LightningModule):
             for target, value in zip(self.hparams.target_names, per_target, strict=True):
                 logged[f"{stage}/{name}_{target}"] = value
         self.log_dict(logged)
+
+
+class CropYieldRegressor(BaseRegressor):
+    """Linear regression of crop yields, trained with SGD on the mean squared error.
+
+    Args:
+        in_features: number of input columns (temperature, rainfall, humidity in the tutorial).
+        out_features: number of targets (apples, oranges in the tutorial).
+        lr: SGD learning rate; the tutorial's 1e-5 suits its raw inputs. Above about 1.1e-4 SGD
+            diverges on them; with standardized inputs 0.1 converges fast.
+        feature_names: names of the inputs, recorded in checkpoints. Default: the tutorial's when
+            there are 3, else ``feature_0, ...``.
+        target_names: names of the targets, used in metric names and predictions. Default: the
+            tutorial's when there are 2, else ``target_0, ...``.
+        standardize: standardize inputs with the per-feature mean and std that the
+            ``CropYieldDataModule(standardize=True)`` computes; stored in the checkpoint, so it
+            predicts on raw inputs.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 2,
+        lr: float = 1e-5,
+        feature_names: Sequence[str] | None = None,
+        target_names: Sequence[str] | None = None,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, feature_names, target_names, standardize, lr=float(lr))
+        if not lr > 0:
+            raise CropYieldError(f"lr must be positive, got {lr}")
+        self._loss_sum, self._loss_rows = 0.0, 0  # this epoch's training loss, summed over its rows
+
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self._track(loss, len(x))
+        return loss
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        # The epoch's mean training loss is summed in `_track` and logged once an epoch: `self.log`
+        # on every step costs about 0.7 ms on a CPU, a quarter of a 65,536-row step.
+        self._loss_sum, self._loss_rows = 0.0, 0
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        if self._loss_rows:
+            self.log("train/loss", self._loss_sum / self._loss_rows, sync_dist=True)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def _track(self, loss: torch.Tensor, rows: int) -> None:
         """Stops a diverging run at this step, before its update; adds the loss to the epoch's mean."""
@@ -261,6 +279,173 @@ class ManualSGDRegressor(CropYieldRegressor):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return TutorialSGD(self.parameters(), lr=self.hparams.lr)
+
+
+class LeastSquaresStatistics(Metric):
+    """The float64 :class:`~cropyield.reference.Moments` of the ``[inputs | targets]`` rows seen.
+
+    A torchmetrics ``Metric`` so that torchmetrics gathers the per-process states under DDP;
+    :meth:`compute` then merges them in rank order, as ``PearsonCorrCoef`` merges its co-moments.
+    The maths lives in :mod:`cropyield.reference`; this class only keeps the state.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_columns: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        empty = Moments.empty(num_columns)
+        self.add_state("count", empty.count, dist_reduce_fx=None)
+        self.add_state("mean", empty.mean, dist_reduce_fx=None)
+        self.add_state("comoment", empty.comoment, dist_reduce_fx=None)
+
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        merged = self.moments().merge(Moments.of(torch.cat([inputs, targets], dim=1)))
+        self.count, self.mean, self.comoment = merged.count, merged.mean, merged.comoment
+
+    def moments(self) -> Moments:
+        """This process's summary (the states as they are, not gathered)."""
+        return Moments(self.count, self.mean, self.comoment)
+
+    def compute(self) -> Moments:
+        if self.count.ndim == 0:  # one process
+            return self.moments()
+        # Gathered from every process: stacked in rank order.
+        states = zip(self.count, self.mean, self.comoment, strict=True)
+        return reduce(Moments.merge, (Moments(*state) for state in states))
+
+
+class _CountBatches(torch.optim.Optimizer):
+    """An optimizer whose step changes nothing: it lets Lightning count the batches of an exact
+    pass as steps, so ``global_step``, ``max_steps`` and step checkpoints keep their meaning."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return closure() if closure is not None else None
+
+
+class LeastSquaresRegressor(BaseRegressor):
+    """The exact least-squares (or ridge) fit, in one pass of the Lightning Trainer: no SGD.
+
+    Every ``training_step`` adds its batch to float64 sufficient statistics (count, means, centred
+    co-moments); at the epoch's end they are merged (across processes under DDP) and solved, and
+    ``self.linear`` holds the solution. Another epoch recomputes the same answer, so ``max_epochs: 1``
+    is all it needs. The data module serves every training row exactly once to this model, under
+    DDP too. Singular data (a constant or duplicated column, fewer rows than features) gets the
+    minimum-norm solution and a warning naming the columns at fault.
+
+    Args:
+        in_features: number of input columns.
+        out_features: number of targets.
+        l2: ridge penalty, as scikit-learn's ``Ridge(alpha=l2)``: minimizes
+            ``‖Y - X Wᵀ - b‖² + l2 ‖W‖²``, the intercept not penalized. 0 is ordinary least squares.
+        feature_names: names of the inputs, recorded in checkpoints.
+        target_names: names of the targets, used in metric names and predictions.
+        standardize: fit on standardized inputs (the data module's feature statistics, stored in the
+            checkpoint); with ``l2 > 0`` the penalty then applies to the standardized weights.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 2,
+        l2: float = 0.0,
+        feature_names: Sequence[str] | None = None,
+        target_names: Sequence[str] | None = None,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, feature_names, target_names, standardize, l2=float(l2))
+        if not l2 >= 0:
+            raise CropYieldError(f"l2 must be zero or positive, got {l2}")
+        self.automatic_optimization = False
+        self.statistics = LeastSquaresStatistics(in_features + out_features)
+        self.solution: LeastSquares | None = None  # the last solve, in float64
+        self.moments: Moments | None = None  # the statistics it solved (of the scaled inputs with standardize)
+        self._solved = False
+
+    @override
+    def training_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.statistics.update(x, y)
+        self.optimizers().step()
+        # Solved now rather than at the epoch's end: validation and its checkpoints run before
+        # `on_train_epoch_end`, and must see the solution.
+        if self.trainer.is_last_batch:
+            self._solve()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        if not self._resumed_pass:
+            self.statistics.reset()
+        self._resumed_pass = self._solved = False
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        if not self._solved:  # the epoch was cut short (max_steps, limit_train_batches)
+            self._solve()
+
+    def _solve(self) -> None:
+        moments = self.statistics.compute()  # gathered and merged in rank order under DDP
+        self.statistics.reset()  # a checkpoint from now on holds no partial pass
+        p = self.hparams.in_features
+        if self.hparams.standardize:
+            moments = moments.scaled(p, self.feature_mean, self.feature_std)
+        fit = solve(moments, p, self.hparams.l2, self.hparams.feature_names)
+        if fit.problems:
+            rank_zero_warn(
+                f"the data is singular ({fit.problems}); using the minimum-norm least-squares solution",
+                category=CropYieldWarning,
+            )
+        weight, bias = float32_fit(fit, moments, p)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+        self.solution, self.moments, self._solved = fit, moments, True
+        self.log("train/mse", fit.mse, on_step=False, on_epoch=True)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _CountBatches(self.parameters())
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # A checkpoint made in the middle of the pass carries every process's statistics so far,
+        # so a resumed run finishes the same pass instead of losing the rows already read.
+        state = self.statistics.moments()
+        if self.trainer.world_size > 1:
+            state = Moments(*(self.all_gather(t) for t in (state.count, state.mean, state.comoment)))
+        checkpoint["cropyield"]["partial_pass"] = {
+            "count": state.count.cpu(),
+            "mean": state.mean.cpu(),
+            "comoment": state.comoment.cpu(),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        partial = (checkpoint.get("cropyield") or {}).get("partial_pass")
+        self._resumed_pass = False
+        if not partial or self._trainer is None:
+            return
+        count, mean, comoment = partial["count"], partial["mean"], partial["comoment"]
+        if count.ndim:  # saved under DDP: this process's own share
+            if len(count) != self.trainer.world_size:
+                raise CropYieldError(
+                    f"this checkpoint was saved by {len(count)} processes in the middle of an exact pass; "
+                    f"resume it with as many (not {self.trainer.world_size}) or start the pass again"
+                )
+            rank = self.trainer.global_rank
+            count, mean, comoment = count[rank], mean[rank], comoment[rank]
+        self.statistics.count, self.statistics.mean, self.statistics.comoment = (
+            t.to(self.device, torch.float64) for t in (count, mean, comoment)
+        )
+        self._resumed_pass = True
+
+    exact_pass = True  # tells the data module to serve every training row exactly once
+    _resumed_pass = False
 
 
 def _metrics(num_targets: int) -> MetricCollection:

@@ -10,7 +10,15 @@ import torch
 import yaml
 from torch import nn
 
-from cropyield import INPUTS, TARGETS, CropYieldDataModule, CropYieldRegressor, ManualSGDRegressor, load_regressor
+from cropyield import (
+    INPUTS,
+    TARGETS,
+    CropYieldDataModule,
+    CropYieldRegressor,
+    LeastSquaresRegressor,
+    ManualSGDRegressor,
+    load_regressor,
+)
 from cropyield.cli import cli_main
 
 from .conftest import assert_one_line_error, run, write_csv
@@ -207,7 +215,7 @@ def test_help_documents_every_argument(argv, capsys):
     for name in inspect.signature(CropYieldDataModule).parameters:
         assert f"--data.{name}" in text and documented(CropYieldDataModule, name) in text, name
     assert "--model" in text and "--checkpoint.monitor" in text and "--report.every_n_epochs" in text
-    for cls in (CropYieldRegressor, ManualSGDRegressor):
+    for cls in (CropYieldRegressor, ManualSGDRegressor, LeastSquaresRegressor):
         with pytest.raises(SystemExit):
             cli_main(["fit", "--model.help", cls.__name__])
         text = " ".join(capsys.readouterr().out.split())
@@ -232,6 +240,35 @@ def test_shipped_configs_build(argv, tmp_path):
         cli = cli_main(["--config", name, f"--trainer.default_root_dir={tmp_path}"], run=False)
         assert cli.trainer.max_epochs == 100
     assert cli.datamodule.limit_rows == 5 and not cli.datamodule.shuffle
+    cli = cli_main(["--config", "exact.yaml", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert isinstance(cli.model, LeastSquaresRegressor) and cli.trainer.max_epochs == 1
+
+
+def test_exact_config_prints_the_optimum_reached_and_r2(tmp_path):
+    result = run("cropyield", "fit", "--config", "exact.yaml", cwd=tmp_path)
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"Training R²: apples 0\.99\d\d, oranges 0\.99\d\d", lines[-2]), lines[-2]
+    assert lines[-1] == "Final training MSE: 0.9094 (least-squares optimum on the same rows: 0.9094)"
+    assert not result.stderr.strip(), result.stderr
+    model = load_regressor(tmp_path / "checkpoints" / "last.ckpt")
+    design = torch.cat([INPUTS.double(), torch.ones(15, 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(design, TARGETS.double(), driver="gelsd").solution
+    torch.testing.assert_close(model.linear.weight.double(), solution[:3].T, rtol=1e-5, atol=1e-6)
+    predicted = run("cropyield-predict", "--ckpt", "checkpoints/last.ckpt", "75", "63", "44", "--json", cwd=tmp_path)
+    expected = (torch.tensor([75.0, 63.0, 44.0, 1.0], dtype=torch.float64) @ solution).tolist()
+    got = json.loads(predicted.stdout)[0]
+    assert abs(got["apples"] - expected[0]) < 1e-3 and abs(got["oranges"] - expected[1]) < 1e-3
+
+
+def test_exact_config_on_a_duplicated_column_warns_in_one_line(tmp_path):
+    rows = [[*x, x[0], *y] for x, y in zip(INPUTS.tolist(), TARGETS.tolist(), strict=True)]
+    write_csv(tmp_path / "d.csv", ["temp", "rainfall", "humidity", "temp_again", "apples", "oranges"], rows)
+    result = run("cropyield", "fit", "--config", "exact.yaml", "--data.data_path", "d.csv", cwd=tmp_path)
+    assert result.stderr.strip().splitlines() == [
+        "cropyield: warning: the data is singular (collinear column(s) ['temp', 'temp_again']); using the "
+        "minimum-norm least-squares solution"
+    ]
+    assert "(least-squares optimum on the same rows: 0.9094)" in result.stdout
 
 
 # --- errors: one line on stderr, exit code 2, no traceback, nothing touched ---------------------

@@ -2,14 +2,19 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from cropyield import INPUTS
+from cropyield import FEATURE_NAMES, INPUTS, TARGET_NAMES, load_regressor
+from cropyield.files import read_table
 
-from .conftest import run
+from .conftest import run, write_csv
+
+COLUMNS = (*FEATURE_NAMES, *TARGET_NAMES)
 
 ROOT = Path(__file__).parents[1]
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -46,3 +51,36 @@ def test_ddp_on_two_cpu_processes(tmp_path, fast_path):
     else:  # DistributedSampler pads 15 rows to 8 a rank with one repeated row
         assert seen[0] | seen[1] == all_rows and len(records[0]["rows"]) == 8
     assert "Final training MSE" in result.stdout
+
+
+@pytest.mark.slow
+def test_exact_solver_under_ddp_reads_every_row_once_and_equals_one_process(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1001, 3, generator=g) * 10 + 50  # an odd count: the ranks' shares differ
+    y = x @ torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]]).T + torch.randn(1001, 2, generator=g)
+    write_csv(tmp_path / "d.csv", ["temp", "rainfall", "humidity", "apples", "oranges"], torch.cat([x, y], 1).tolist())
+    x, y = (torch.from_numpy(t) for t in np.split(read_table(tmp_path / "d.csv", list(COLUMNS)), [3], axis=1))
+    args = ["--config", "exact.yaml", "--data.data_path", "d.csv", "--data.batch_size", "64"]
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ddp" / "d.csv").write_bytes((tmp_path / "d.csv").read_bytes())
+    result, records, weights = ddp_fit(tmp_path / "ddp", *args, epochs=1)
+    seen = [[tuple(row) for row in r["rows"]] for r in records]
+    assert len(seen[0]) + len(seen[1]) == 1001 and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(map(tuple, x.tolist()))
+    for name in ("weight", "bias"):
+        assert torch.equal(weights[0][name], weights[1][name])
+    run("cropyield", "fit", *args, cwd=tmp_path)
+    one = load_regressor(tmp_path / "checkpoints" / "last.ckpt")
+    ddp = load_regressor(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(ddp.linear.weight, one.linear.weight, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ddp.linear.bias, one.linear.bias, rtol=1e-6, atol=0)
+    design = np.c_[x.double().numpy(), np.ones(1001)]
+    solution = np.linalg.lstsq(design, y.double().numpy(), rcond=None)[0]
+    optimum = ((design @ solution - y.double().numpy()) ** 2).mean()
+    w, b = ddp.linear.weight.detach().double().numpy(), ddp.linear.bias.detach().double().numpy()
+    assert ((x.double().numpy() @ w.T + b - y.double().numpy()) ** 2).mean() / optimum - 1 < 1e-6
+    final = re.search(
+        r"Final training MSE: ([\d.]+) \(least-squares optimum on the same rows: ([\d.]+)\)",
+        result.stdout,
+    )
+    assert final[1] == final[2] == f"{optimum:.4f}"

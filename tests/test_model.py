@@ -1,13 +1,24 @@
 """Exactness against the tutorial's own loops, written here in plain PyTorch."""
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cropyield import INPUTS, TARGETS, CropYieldDataModule, CropYieldError, CropYieldRegressor, ManualSGDRegressor
+from cropyield import (
+    INPUTS,
+    TARGETS,
+    CropYieldDataModule,
+    CropYieldError,
+    CropYieldRegressor,
+    LeastSquaresRegressor,
+    ManualSGDRegressor,
+    load_regressor,
+)
+from cropyield.errors import CropYieldWarning
 
 W0 = torch.tensor([[1.0678, 1.5871, -0.6977], [1.1371, -0.7533, 0.0850]])
 B0 = torch.tensor([1.4050, 1.3311])
@@ -159,3 +170,99 @@ def test_linear_is_created_first_so_initial_weights_match_the_tutorial():
 def test_regressor_rejects_bad_arguments(kwargs, message):
     with pytest.raises(CropYieldError, match=message):
         CropYieldRegressor(**kwargs)
+
+
+# --- the exact solver ---------------------------------------------------------------------------
+
+
+def lstsq_optimum(x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    """An independent float64 reference: numpy's lstsq on [x, 1]."""
+    design = np.c_[x.double().numpy(), np.ones(len(x))]
+    solution = np.linalg.lstsq(design, y.double().numpy(), rcond=None)[0]
+    return solution[:-1].T, solution[-1], float(((design @ solution - y.double().numpy()) ** 2).mean())
+
+
+def saved_mse(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The MSE, summed in float64, of the model's float32 weights as saved."""
+    w, b = model.linear.weight.detach().double().numpy(), model.linear.bias.detach().double().numpy()
+    if model.hparams.standardize:
+        mean, std = model.feature_mean.double().numpy(), model.feature_std.double().numpy()
+        w, b = w / std, b - (w / std) @ mean
+    return float(((x.double().numpy() @ w.T + b - y.double().numpy()) ** 2).mean())
+
+
+def fit_exact(x, y, quiet, tmp_path=None, epochs=1, **kwargs):
+    standardize = kwargs.pop("standardize", False)
+    dm = CropYieldDataModule.from_tensors(x, y, batch_size=kwargs.pop("batch_size", 65536), standardize=standardize)
+    model = LeastSquaresRegressor(x.shape[1], y.shape[1], standardize=standardize, **kwargs)
+    trainer = L.Trainer(max_epochs=epochs, **quiet)
+    trainer.fit(model, dm)
+    if tmp_path is not None:
+        trainer.save_checkpoint(tmp_path / "exact.ckpt")
+        model = load_regressor(tmp_path / "exact.ckpt")
+    return model, trainer
+
+
+def synthetic(rows: int, offset: float = 0.0, std: float = 10.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, 3, generator=g, dtype=torch.float64) * std + offset).float()
+    w = torch.tensor([[0.7, -1.2, 0.4], [0.3, 0.9, -0.5]], dtype=torch.float64)
+    y = (x.double() @ w.T + torch.tensor([5.0, -3.0]) + torch.randn(rows, 2, generator=g, dtype=torch.float64)).float()
+    return x, y
+
+
+@pytest.mark.parametrize(
+    ("case", "standardize"),
+    [("tutorial", False), ("tutorial", True), ("1e6 rows", False), ("offset 1e4, std 1", False),
+     ("offset 1e4, std 1", True)],
+)  # fmt: skip
+def test_exact_fit_reaches_the_float64_optimum(case, standardize, quiet, tmp_path):
+    x, y = {
+        "tutorial": (INPUTS, TARGETS),
+        "1e6 rows": synthetic(1_000_000),
+        "offset 1e4, std 1": synthetic(200_000, offset=1e4, std=1.0),
+    }[case]
+    weight, _, optimum = lstsq_optimum(x, y)
+    model, _ = fit_exact(x, y, quiet, tmp_path, standardize=standardize)
+    assert isinstance(model, LeastSquaresRegressor)
+    excess = saved_mse(model, x, y) / optimum - 1
+    assert 0 <= excess < 1e-6, excess
+    if not standardize:
+        np.testing.assert_allclose(model.linear.weight.detach().numpy(), weight, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_fit_in_memory_logs_and_recomputes_the_same_answer(quiet):
+    model, trainer = fit_exact(INPUTS, TARGETS, quiet, epochs=3, batch_size=4)
+    _, _, optimum = lstsq_optimum(INPUTS, TARGETS)
+    assert abs(model.solution.mse - optimum) < 1e-9 * optimum
+    assert trainer.global_step == 3 * 4  # batches counted as steps: 15 rows in batches of 4, 3 epochs
+    once, _ = fit_exact(INPUTS, TARGETS, quiet, epochs=1, batch_size=4)
+    assert torch.equal(once.linear.weight, model.linear.weight) and torch.equal(once.linear.bias, model.linear.bias)
+    assert abs(float(trainer.callback_metrics["train/mse"]) - optimum) < 1e-7 * optimum  # logged as float32
+    torch.testing.assert_close(trainer.callback_metrics["val/mse"].double(), torch.tensor(optimum, dtype=torch.float64),
+                               rtol=1e-5, atol=0)  # fmt: skip
+
+
+def test_exact_fit_ridge_matches_the_closed_form(quiet):
+    x, y = INPUTS.double().numpy(), TARGETS.double().numpy()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    w = np.linalg.solve(xc.T @ xc + 100.0 * np.eye(3), xc.T @ yc).T
+    model, _ = fit_exact(INPUTS, TARGETS, quiet, l2=100.0)
+    np.testing.assert_allclose(model.linear.weight.detach().numpy(), w, rtol=1e-6)
+    np.testing.assert_allclose(model.linear.bias.detach().numpy(), y.mean(0) - w @ x.mean(0), rtol=1e-5)
+
+
+def test_exact_fit_on_a_duplicated_column_warns_and_stays_finite(quiet):
+    x = torch.cat([INPUTS, INPUTS[:, 1:2]], 1)
+    with pytest.warns(CropYieldWarning, match=r"collinear column\(s\) \['feature_1', 'feature_3'\].*minimum-norm"):
+        model, _ = fit_exact(x, TARGETS, quiet)
+    w = model.linear.weight.detach()
+    assert torch.isfinite(w).all() and torch.isfinite(model.linear.bias).all()
+    torch.testing.assert_close(w[:, 1], w[:, 3])  # the minimum-norm solution splits the weight evenly
+    _, _, optimum = lstsq_optimum(x, TARGETS)
+    assert saved_mse(model, x, TARGETS) / optimum - 1 < 1e-6
+
+
+def test_exact_regressor_rejects_a_negative_penalty():
+    with pytest.raises(CropYieldError, match="l2 must be zero or positive"):
+        LeastSquaresRegressor(l2=-1.0)

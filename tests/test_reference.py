@@ -1,9 +1,10 @@
 """The closed-form references, checked against independent computations written here."""
 
+import numpy as np
 import torch
 
 from cropyield import INPUTS, TARGETS
-from cropyield.reference import least_squares, max_stable_lr, mse_of
+from cropyield.reference import Moments, least_squares, max_stable_lr, mse_of, solve
 
 
 def test_least_squares_recovers_a_known_linear_model():
@@ -40,13 +41,13 @@ def _loss(params: torch.Tensor) -> torch.Tensor:
 def test_max_stable_lr_is_two_over_the_hessians_largest_eigenvalue():
     hessian = torch.autograd.functional.hessian(_loss, torch.zeros(8, dtype=torch.float64))
     expected = 2 / torch.linalg.eigvalsh(hessian)[-1].item()
-    bound = max_stable_lr(INPUTS, 2)
+    bound = max_stable_lr(Moments.of(torch.cat([INPUTS, TARGETS], 1)), 3)
     assert abs(bound - expected) < 1e-9 * expected
     assert 1.0e-4 < bound < 1.2e-4  # "about 1.1e-4 on the tutorial's raw inputs"
 
 
 def test_full_batch_gradient_descent_diverges_just_above_the_bound_only():
-    bound = max_stable_lr(INPUTS, 2)
+    bound = max_stable_lr(Moments.of(torch.cat([INPUTS, TARGETS], 1)), 3)
     for factor, diverges in ((0.95, False), (1.05, True)):
         params = torch.zeros(8, dtype=torch.float64, requires_grad=True)
         for _ in range(3000):
@@ -54,3 +55,62 @@ def test_full_batch_gradient_descent_diverges_just_above_the_bound_only():
             with torch.no_grad():
                 params -= factor * bound * grad
         assert (_loss(params).item() > 1e6) == diverges, factor
+
+
+def test_moments_merged_in_any_grouping_equal_the_whole_tables():
+    rows = torch.randn(1000, 5, generator=torch.Generator().manual_seed(0)).double() * 3 + 50
+    whole = rows.mean(0), (rows - rows.mean(0)).T @ (rows - rows.mean(0))
+    for sizes in ([1000], [1, 999], [500, 0, 500], [7] * 142 + [6]):
+        parts = [Moments.of(part) for part in rows.split(sizes)]
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = merged.merge(part)
+        assert float(merged.count) == 1000
+        torch.testing.assert_close(merged.mean, whole[0], rtol=1e-13, atol=0)
+        torch.testing.assert_close(merged.comoment, whole[1], rtol=1e-11, atol=1e-9)
+
+
+def test_moments_give_the_mse_and_r2_of_any_weights():
+    w, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    moments = Moments.of(torch.cat([INPUTS, TARGETS], 1))
+    residual = INPUTS.double() @ w.T + b - TARGETS.double()
+    torch.testing.assert_close(moments.mse(3, w, b), (residual**2).mean(0), rtol=1e-10, atol=0)
+    y = TARGETS.double()
+    r2 = 1 - (residual**2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+    torch.testing.assert_close(moments.r2(3, w, b), r2, rtol=1e-10, atol=1e-12)
+
+
+def test_scaled_moments_equal_the_moments_of_the_scaled_rows():
+    moments = Moments.of(torch.cat([INPUTS, TARGETS], 1))
+    mean, std = moments.feature_scale(3)
+    torch.testing.assert_close(mean, INPUTS.double().mean(0))
+    torch.testing.assert_close(std, INPUTS.double().std(0, correction=0))
+    scaled = Moments.of(torch.cat([(INPUTS.double() - mean) / std, TARGETS.double()], 1))
+    got = moments.scaled(3, mean, std)
+    torch.testing.assert_close(got.mean, scaled.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.comoment, scaled.comoment, rtol=1e-12, atol=1e-9)
+
+
+def test_ridge_matches_its_closed_form():
+    x, y = INPUTS.double().numpy(), TARGETS.double().numpy()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    for alpha in (0.5, 10.0, 1e4):
+        w = np.linalg.solve(xc.T @ xc + alpha * np.eye(3), xc.T @ yc).T  # [2, 3]
+        b = y.mean(0) - w @ x.mean(0)
+        fit = least_squares(INPUTS, TARGETS, l2=alpha)
+        np.testing.assert_allclose(fit.weight.numpy(), w, rtol=1e-10)
+        np.testing.assert_allclose(fit.bias.numpy(), b, rtol=1e-10)
+        assert fit.problems is None
+
+
+def test_singular_data_gives_the_minimum_norm_solution_and_names_the_columns():
+    x = torch.cat([INPUTS, INPUTS[:, :1], torch.full((15, 1), 7.0)], 1)  # a duplicate, a constant
+    fit = solve(Moments.of(torch.cat([x, TARGETS], 1)), 5, feature_names=["t", "r", "h", "t2", "c"])
+    xc = x.double().numpy() - x.double().numpy().mean(0)
+    yc = TARGETS.double().numpy() - TARGETS.double().numpy().mean(0)
+    expected = np.linalg.lstsq(xc, yc, rcond=None)[0].T  # minimum-norm, the intercept apart
+    np.testing.assert_allclose(fit.weight.numpy(), expected, rtol=1e-8, atol=1e-10)
+    assert torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias).all()
+    assert "constant column(s) ['c']" in fit.problems and "collinear column(s) ['t', 't2']" in fit.problems
+    few = least_squares(INPUTS[:3], TARGETS[:3])
+    assert few.problems == "only 3 rows for 3 features" and torch.isfinite(few.weight).all()
