@@ -15,12 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
-from cropyield.callbacks import AtomicCheckpointIO, CSVPredictionWriter, ProgressReport
+from cropyield.callbacks import AtomicCheckpointIO, CropYieldCheckpoint, CSVPredictionWriter, ProgressReport
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
 from cropyield.inference import read_checkpoint
@@ -35,7 +34,7 @@ class CropYieldCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(CropYieldCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "model": {"class_path": "cropyield.model.CropYieldRegressor"},

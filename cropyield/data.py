@@ -1,25 +1,30 @@
-"""The tutorial's data, and the LightningDataModule that serves it or a user's CSV/Parquet file.
+"""The tutorial's data, and the LightningDataModule that serves it or a user's CSV/Parquet files.
 
-Small data goes through exactly the tutorial's ``DataLoader(TensorDataset(...), 5, shuffle=True)``.
-From ``fast_path_min_rows`` rows on, training batches are made by one permutation per epoch and
-one gather per batch from a single ``[rows, features + targets]`` tensor: no per-sample indexing,
-no collate. Evaluation then reads contiguous slices.
+Which path serves the rows:
+
+- small in-memory data: exactly the tutorial's ``DataLoader(TensorDataset(...), 5, shuffle=True)``;
+- from ``fast_path_min_rows`` rows on: one permutation per epoch and one gather per batch from a
+  single ``[rows, features + targets]`` tensor (:mod:`cropyield.batches`); evaluation reads slices;
+- ``streaming=True``: rows read piece by piece from the files, never all at once
+  (:mod:`cropyield.streaming`);
+- the exact solver (a model with ``exact_pass``): every training row once, in order.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from cropyield.batches import EpochPermutation, GatheredBatches, SlicedBatches
 from cropyield.errors import CropYieldError
-from cropyield.files import check_columns, read_columns, read_table
+from cropyield.files import check_columns, data_files, list_pieces, read_columns, read_piece, read_table
 from cropyield.reference import Moments
+from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER, StreamedBatches, StreamedRows, StreamSource
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
 # built-ins section. The first 5 rows are the from-scratch section's data.
@@ -50,7 +55,8 @@ class CropYieldDataModule(L.LightningDataModule):
     training data).
 
     Args:
-        data_path: a CSV or Parquet file to read instead of the embedded data (chosen by extension).
+        data_path: a CSV or Parquet file to read instead of the embedded data (chosen by extension),
+            or a folder: its ``.csv`` and ``.parquet`` files, in sorted name order, with one schema.
         csv_path: alias of ``data_path``; give one of the two.
         feature_names: input columns, in order. Default: the tutorial's for the embedded data;
             for a file, every column that is not a target.
@@ -58,7 +64,8 @@ class CropYieldDataModule(L.LightningDataModule):
         batch_size: rows per batch, per process under DDP.
         shuffle: reshuffle the training rows every epoch.
         val_fraction: hold out this fraction of the rows, chosen with ``seed``, for validation
-            and testing. 0 evaluates on the training rows, as the tutorial does.
+            and testing. 0 evaluates on the training rows, as the tutorial does. In memory, exactly
+            that fraction is drawn; streaming, each row is held out by a hash of its file and position.
         limit_rows: use only the first N rows (5 gives the tutorial's from-scratch data).
         standardize: compute per-feature mean and std on the training rows; a model created with
             ``standardize=True`` stores them and standardizes its inputs.
@@ -66,6 +73,11 @@ class CropYieldDataModule(L.LightningDataModule):
             seed (the one ``seed_everything`` set) when the data is set up.
         fast_path_min_rows: from this many training rows on, batches are gathered from one tensor
             with one permutation per epoch; below it, the tutorial's ``DataLoader`` is used.
+        streaming: read ``data_path`` piece by piece (Parquet row groups, CSV blocks) in a
+            background thread instead of into memory: memory is bounded by ``shuffle_buffer``
+            and the pieces in flight, not by the data. Shuffling is then per window (see
+            ``cropyield.streaming``); statistics take one extra pass.
+        shuffle_buffer: when streaming, rows shuffled together (rounded up to whole batches).
     """
 
     _memory: tuple[tuple[str, ...], torch.Tensor] | None = None  # (column names, rows), from_tensors
@@ -83,6 +95,8 @@ class CropYieldDataModule(L.LightningDataModule):
         standardize: bool = False,
         seed: int | None = None,
         fast_path_min_rows: int = FAST_PATH_MIN_ROWS,
+        streaming: bool = False,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
         super().__init__()
         if data_path is not None and csv_path is not None:
@@ -93,7 +107,11 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if limit_rows is not None and limit_rows < 1:
             raise CropYieldError(f"limit_rows must be at least 1, got {limit_rows}")
+        if shuffle_buffer < 1:
+            raise CropYieldError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
         path = data_path if data_path is not None else csv_path
+        if streaming and path is None:
+            raise CropYieldError("streaming=True reads files: give data_path (a file or a folder)")
         self.data_path = os.fspath(path) if path is not None else None
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -102,10 +120,13 @@ class CropYieldDataModule(L.LightningDataModule):
         self.standardize = standardize
         self.seed = seed
         self.fast_path_min_rows = fast_path_min_rows
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
 
         if self.data_path is not None:
-            # The header is read now, so a bad path or column fails before a Trainer exists.
-            source, columns = self.data_path, read_columns(self.data_path)
+            # The headers are read now, so a bad path or column fails before a Trainer exists.
+            self._files = data_files(self.data_path)
+            source, columns = self.data_path, read_columns(self._files[0])
         elif self._memory is not None:
             source, columns = "the given tensors", self._memory[0]
         else:
@@ -128,6 +149,8 @@ class CropYieldDataModule(L.LightningDataModule):
         self._eval: torch.Tensor | None = None  # validation/test rows, same layout
         self._predict: torch.Tensor | None = None  # [rows, features (+ targets when present)]
         self._statistics: Moments | None = None
+        self._stream: StreamSource | None = None  # streaming: the pieces and the split
+        self._predict_stream: StreamSource | None = None
 
     @classmethod
     def from_tensors(
@@ -173,6 +196,9 @@ class CropYieldDataModule(L.LightningDataModule):
         return self._train is not None and len(self._train) >= self.fast_path_min_rows
 
     def setup(self, stage: str) -> None:
+        if self.streaming:
+            self._setup_streaming(stage)
+            return
         if stage == "predict":
             if self._predict is None:
                 self._predict = self._load(targets_required=False)
@@ -198,23 +224,59 @@ class CropYieldDataModule(L.LightningDataModule):
             mean, std = self.statistics().feature_scale(self.num_features)
             self.feature_mean, self.feature_std = mean.float(), std.float()
 
+    def _setup_streaming(self, stage: str) -> None:
+        if stage == "predict":
+            if self._predict_stream is None:
+                wanted = self._wanted(targets_required=False)
+                pieces = list_pieces(self._files, wanted, self.limit_rows)
+                self._predict_stream = StreamSource(pieces, wanted, 0.0, self._seed())
+            return
+        if self._stream is not None:
+            return
+        wanted = self._wanted(targets_required=True)
+        pieces = list_pieces(self._files, wanted, self.limit_rows)
+        self._stream = StreamSource(pieces, wanted, self.val_fraction, self._seed())
+        train, held = sum(self._stream.train_counts), sum(p.rows for p in pieces) - sum(self._stream.train_counts)
+        if train < MIN_ROWS or (self.val_fraction > 0 and held < MIN_ROWS):
+            raise CropYieldError(
+                f"{self.data_path}: {train} training and {held} held-out rows are too few (need at least "
+                f"{MIN_ROWS} of each)"
+            )
+        if self.standardize and self.feature_mean is None:
+            mean, std = self.statistics().feature_scale(self.num_features)
+            self.feature_mean, self.feature_std = mean.float(), std.float()
+
     def statistics(self) -> Moments:
         """Float64 count, means and co-moments of the training rows ``[features | targets]``, computed
-        once: the least-squares optimum, ``standardize`` and the stable-step check all use them."""
+        once: the least-squares optimum, ``standardize`` and the stable-step check all use them.
+        Streaming, they take one pass over the files (each process reads its share under DDP)."""
         if self._statistics is None:
-            if self._train is None:
+            if self._stream is not None:
+                rank, world = self._rank_and_world()
+                self._statistics = self._stream.statistics(rank, world)
+            elif self._train is not None:
+                self._statistics = Moments.of_table(self._train)
+            else:
                 raise RuntimeError("call setup('fit') first")
-            self._statistics = Moments.of_table(self._train)
         return self._statistics
 
     def training_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training inputs and targets (views into one table); call after ``setup("fit")``."""
+        """The training inputs and targets (views into one table); call after ``setup("fit")``.
+        Not available when streaming: the rows are never all in memory."""
         if self._train is None:
-            raise RuntimeError("call setup('fit') first")
+            raise RuntimeError("call setup('fit') first" + ("; not available when streaming" * self.streaming))
         return self._train[:, : self.num_features], self._train[:, self.num_features :]
 
     def train_dataloader(self):
-        if getattr(self.trainer and self.trainer.lightning_module, "exact_pass", False):
+        exact = getattr(self.trainer and self.trainer.lightning_module, "exact_pass", False)
+        if self._stream is not None:
+            rank, world = self._rank_and_world()
+            loader = StreamedBatches(
+                self._stream, self.num_features, self.batch_size, self.shuffle, self._seed(), rank, world,
+                exact_pass=exact, shuffle_buffer=self.shuffle_buffer,
+            )  # fmt: skip
+            return self._resumable(loader)
+        if exact:
             # The exact solver reads every training row once, each process a disjoint share.
             rank, world = self._rank_and_world()
             return SlicedBatches(self._train, self.num_features, self.batch_size, rank, world)
@@ -231,7 +293,7 @@ class CropYieldDataModule(L.LightningDataModule):
                 rank,
                 world,
             )
-            return GatheredBatches(self._train, self.num_features, sampler)
+            return self._resumable(GatheredBatches(self._train, self.num_features, sampler))
         inputs, targets = self.training_rows()
         return DataLoader(
             TensorDataset(inputs.contiguous(), targets.contiguous()),
@@ -240,13 +302,13 @@ class CropYieldDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        return self._ordered(self._eval, self.num_features)
+        return self._ordered(self._eval, self.num_features, self._stream)
 
     def test_dataloader(self):
-        return self._ordered(self._eval, self.num_features)
+        return self._ordered(self._eval, self.num_features, self._stream)
 
     def predict_dataloader(self):
-        return self._ordered(self._predict, self.num_features)
+        return self._ordered(self._predict, self.num_features, self._predict_stream, part="all")
 
     def state_dict(self) -> dict:
         # The tutorial's loader shuffles with the global RNG: saving its state lets a resumed run
@@ -257,7 +319,17 @@ class CropYieldDataModule(L.LightningDataModule):
         if "torch_rng_state" in state_dict:
             torch.set_rng_state(state_dict["torch_rng_state"])
 
-    def _ordered(self, rows: torch.Tensor | None, num_features: int):
+    def _resumable(self, loader):
+        """Lets the loader's state_dict count the batches the Trainer has taken, not those fetched ahead."""
+        if self.trainer is not None:
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            loader.progress = lambda: progress.ready
+        return loader
+
+    def _ordered(self, rows: torch.Tensor | None, num_features: int, stream: StreamSource | None, part: str = "val"):
+        if stream is not None:
+            rank, world = self._rank_and_world()
+            return StreamedRows(stream, num_features, self.batch_size, part, rank, world)
         if rows is None:
             raise RuntimeError("call setup() first")
         if len(rows) >= self.fast_path_min_rows:
@@ -275,12 +347,24 @@ class CropYieldDataModule(L.LightningDataModule):
     def _source_name(self) -> str:
         return self.data_path or ("the given tensors" if self._memory else "the embedded data")
 
-    def _load(self, targets_required: bool) -> torch.Tensor:
+    def _wanted(self, targets_required: bool) -> list[str]:
         wanted = list(self.feature_names)
         if targets_required or all(t in self._columns for t in self.target_names):
             wanted += self.target_names
-        if self.data_path is not None:
-            rows = torch.from_numpy(read_table(self.data_path, wanted))
+        return wanted
+
+    def _load(self, targets_required: bool) -> torch.Tensor:
+        wanted = self._wanted(targets_required)
+        if self.data_path is not None and len(self._files) == 1:
+            rows = torch.from_numpy(read_table(self._files[0], wanted))
+        elif self.data_path is not None:  # a folder: its pieces, each copied once into one table
+            pieces = list_pieces(self._files, wanted, self.limit_rows)
+            table = np.empty((sum(p.rows for p in pieces), len(wanted)), dtype=np.float32)
+            start = 0
+            for piece in pieces:
+                table[start : start + piece.rows] = read_piece(piece, wanted)
+                start += piece.rows
+            rows = torch.from_numpy(table)
         else:
             columns, table = self._memory or (
                 (*FEATURE_NAMES, *TARGET_NAMES),
@@ -305,87 +389,3 @@ class CropYieldDataModule(L.LightningDataModule):
 def default_names(count: int, tutorial: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     """The tutorial's column names when there are as many, else ``prefix_0, prefix_1, ...``."""
     return tutorial if count == len(tutorial) else tuple(f"{prefix}_{i}" for i in range(count))
-
-
-class EpochPermutation:
-    """Batches of row indices: one permutation per epoch, seeded by ``(seed, epoch)``.
-
-    Under DDP every rank draws the same permutation and takes its own contiguous shard of equal
-    size (the remainder, fewer rows than processes, is dropped for that epoch). Lightning calls
-    ``set_epoch`` at the start of each epoch, as it does for a ``DistributedSampler``.
-    """
-
-    def __init__(
-        self,
-        num_rows: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.num_rows, self.batch_size, self.shuffle = num_rows, batch_size, shuffle
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-        self.shard = num_rows // world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.shard / self.batch_size)
-
-    def indices(self, device: torch.device) -> torch.Tensor:
-        """This rank's rows for the current epoch, in training order."""
-        if self.shuffle:
-            generator = torch.Generator(device=device).manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_rows, generator=generator, device=device)
-        else:
-            order = torch.arange(self.num_rows, device=device)
-        return order[self.rank * self.shard : (self.rank + 1) * self.shard]
-
-
-class GatheredBatches:
-    """An iterable of ``(inputs, targets)`` batches, each gathered by one ``index_select``."""
-
-    def __init__(self, rows: torch.Tensor, num_features: int, sampler: EpochPermutation):
-        self.rows, self.num_features, self.sampler = rows, num_features, sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        f = self.num_features
-        for idx in self.sampler.indices(self.rows.device).split(self.sampler.batch_size):
-            batch = self.rows.index_select(0, idx)
-            yield batch[:, :f], batch[:, f:]
-
-
-class SlicedBatches:
-    """Contiguous slices of the rows, in order; this rank's share of them under DDP.
-
-    Every row is served once across the ranks, and every rank yields the same number of batches
-    (Lightning runs a collective every training step under DDP, so unequal counts would hang):
-    a rank whose share is one row short makes its batches that much smaller.
-    """
-
-    def __init__(
-        self,
-        rows: torch.Tensor,
-        num_features: int,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        n = len(rows)
-        self.rows = rows[rank * n // world_size : (rank + 1) * n // world_size]  # shares differ by a row at most
-        self.num_features = num_features
-        self.batches = max(1, math.ceil(math.ceil(n / world_size) / batch_size))
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self):
-        f = self.num_features
-        for batch in self.rows.tensor_split(self.batches):
-            yield (batch[:, :f], batch[:, f:]) if batch.shape[1] > f else batch[:, :f]

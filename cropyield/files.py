@@ -13,10 +13,12 @@ non-finite value, the standard-library reader runs over the file to find the fir
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -184,25 +186,34 @@ def _float32_values(column) -> np.ndarray:
 
 
 def _read_csv_stdlib(path: Path, columns: Sequence[str]) -> np.ndarray:
-    values = [array("f") for _ in columns]
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader)
-            positions = [header.index(c) for c in columns]
-            for row in reader:
-                if not row:  # a blank line, skipped as pyarrow does
-                    continue
-                if len(row) != len(header):
-                    raise CropYieldError(
-                        f"{path}, line {reader.line_num}: expected {len(header)} values (one per column), "
-                        f"got {len(row)}"
-                    )
-                for out, name, k in zip(values, columns, positions, strict=True):
-                    out.append(_parse_cell(row[k], path, reader.line_num, name))
+            return _parse_csv_lines(path, f, header, columns, lines_before=1)
     except (UnicodeDecodeError, csv.Error) as err:
         raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
-    return np.stack([np.frombuffer(v, dtype=np.float32) for v in values], axis=1)
+
+
+def _parse_csv_lines(path: Path, lines, header: Sequence[str], columns: Sequence[str], lines_before: int) -> np.ndarray:
+    """The slow, exact parse: raises naming the first bad line (counted from the file's start) and column."""
+    values = [array("f") for _ in columns]
+    positions = [list(header).index(c) for c in columns]
+    reader = csv.reader(lines)
+    try:
+        for row in reader:
+            line = lines_before + reader.line_num
+            if not row:  # a blank line, skipped as pyarrow does
+                continue
+            if len(row) != len(header):
+                raise CropYieldError(
+                    f"{path}, line {line}: expected {len(header)} values (one per column), got {len(row)}"
+                )
+            for out, name, k in zip(values, columns, positions, strict=True):
+                out.append(_parse_cell(row[k], path, line, name))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
+    return np.stack([np.frombuffer(v, dtype=np.float32) for v in values], axis=1).reshape(-1, len(columns))
 
 
 def _parse_cell(cell: str, path: Path, line: int, column: str) -> float:
@@ -227,7 +238,8 @@ def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        # Page checksums, where the writer stored them, catch corrupt data pages (else silent garbage).
+        return pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
         raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
 
@@ -258,3 +270,184 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> np.ndarray:
             f"{path}, row {row + 1}, column {columns[j]!r}: value is empty, NaN, infinite or out of float32 range"
         )
     return out
+
+
+# --- pieces: the units that streaming reads, shuffles and shards ---------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one data file that is read whole: a Parquet row group or a block of CSV lines.
+
+    ``first_row`` is the 0-based position, among the file's data rows, of the piece's first row;
+    ``rows`` its number of data rows (fewer than it holds when ``limit_rows`` cut it).
+    """
+
+    path: str
+    file_index: int
+    first_row: int
+    rows: int
+    row_group: int = 0  # Parquet
+    start: int = 0  # CSV: byte range [start, stop), whole lines
+    stop: int = 0
+    lines_before: int = 0  # CSV: lines of the file before the piece (the header included)
+
+
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """A data file, or every ``.csv``/``.parquet`` file of a folder in sorted name order, one schema.
+
+    Raises:
+        CropYieldError: the path is missing, the folder holds no data file, or a file's columns
+            differ from the first file's.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CropYieldError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return [_check_path(path)]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES)
+    if not files:
+        raise CropYieldError(f"{path}: the folder holds no .csv or .parquet file")
+    first = read_columns(files[0])
+    for other in files[1:]:
+        columns = read_columns(other)
+        if columns != first:
+            raise CropYieldError(
+                f"{other}: its columns {columns} differ from those of {files[0].name} ({first}); "
+                "every file of a folder must have the same columns"
+            )
+    return files
+
+
+def list_pieces(
+    files: Sequence[Path], columns: Sequence[str], limit_rows: int | None = None, csv_block_bytes: int = _BLOCK
+) -> list[Piece]:
+    """The pieces of the files, in order: Parquet row groups (from the footer, no data read) and
+    CSV blocks of about ``csv_block_bytes`` (their lines counted at disk speed, nothing parsed)."""
+    pieces: list[Piece] = []
+    remaining = limit_rows if limit_rows is not None else float("inf")
+    for index, path in enumerate(files):
+        names = read_columns(path)
+        check_columns(path, columns, names)
+        found = (
+            _parquet_pieces(path, index, columns)
+            if _kind(path) == "parquet"
+            else _csv_pieces(path, index, csv_block_bytes)
+        )
+        for piece in found:
+            if remaining <= 0:
+                return pieces
+            if piece.rows > remaining:
+                piece = replace(piece, rows=int(remaining))
+            if piece.rows:
+                pieces.append(piece)
+                remaining -= piece.rows
+    return pieces
+
+
+def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
+    """Reads the named columns of one piece into a float32 array ``[piece.rows, len(columns)]``.
+
+    Raises:
+        CropYieldError: naming the file and, where known, the line (CSV) or row (Parquet) and column.
+    """
+    path = Path(piece.path)
+    if _kind(path) == "parquet":
+        pa = _pyarrow()
+        try:
+            table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
+            out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+            for j, name in enumerate(columns):
+                out[:, j] = table.column(name).to_numpy()
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise CropYieldError(
+                f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
+            ) from None
+        out = out[: piece.rows]
+        bad = ~np.isfinite(out)
+        if bad.any():
+            row, j = map(int, np.argwhere(bad)[0])
+            raise CropYieldError(
+                f"{path}, row {piece.first_row + row + 1}, column {columns[j]!r}: value is empty, NaN, infinite or "
+                "out of float32 range"
+            )
+        return out
+    try:
+        with open(path, "rb") as f:
+            f.seek(piece.start)
+            data = f.read(piece.stop - piece.start)
+    except OSError as err:
+        raise CropYieldError(f"{path}: cannot be read ({_brief(err)})") from None
+    names = read_columns(path)
+    pa = _pyarrow()
+    out = None
+    if pa is not None:
+        try:
+            table = pa.csv.read_csv(
+                pa.py_buffer(data),
+                read_options=pa.csv.ReadOptions(column_names=names, use_threads=True),
+                convert_options=pa.csv.ConvertOptions(
+                    include_columns=list(columns), column_types=dict.fromkeys(columns, pa.float32())
+                ),
+            )
+            out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+            for j, name in enumerate(columns):
+                out[:, j] = table.column(name).to_numpy()
+            if not np.isfinite(out).all():
+                out = None
+        except (pa.ArrowException, ValueError):
+            out = None
+    if out is None:  # the exact pass names the bad line and column, or parses what pyarrow could not
+        try:
+            text = data.decode("utf-8-sig" if piece.start == 0 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
+        out = _parse_csv_lines(path, io.StringIO(text, newline=""), names, columns, piece.lines_before)
+    return out[: piece.rows]
+
+
+def _parquet_pieces(path: Path, index: int, columns: Sequence[str]) -> list[Piece]:
+    pa = _pyarrow()
+    file = _parquet_file(path)
+    for name in columns:
+        kind = file.schema_arrow.field(name).type
+        if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+            raise CropYieldError(f"{path}, column {name!r}: has type {kind}, not a number")
+    pieces, first = [], 0
+    for group in range(file.num_row_groups):
+        rows = file.metadata.row_group(group).num_rows
+        pieces.append(Piece(str(path), index, first, rows, row_group=group))
+        first += rows
+    return pieces
+
+
+def _csv_pieces(path: Path, index: int, block_bytes: int) -> list[Piece]:
+    """Cuts a CSV file into blocks of whole lines and counts each block's data (non-blank) lines."""
+    pieces = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        start = len(f.readline())  # the header
+        lines_before, first_row = 1, 0
+        while start < size:
+            f.seek(start)
+            data = f.read(block_bytes)
+            while len(data) == block_bytes and b"\n" not in data and start + len(data) < size:
+                data += f.read(block_bytes)  # a line longer than a block
+            end = start + len(data)
+            cut = data.rfind(b"\n") + 1 if end < size else len(data)
+            view = np.frombuffer(data, dtype=np.uint8, count=cut)
+            newlines = np.flatnonzero(view == 10)
+            starts = np.concatenate([[0], newlines + 1])
+            ends = np.concatenate([newlines, [cut]])
+            if starts[-1] == cut:  # the block ends with a newline: no unterminated last line
+                starts, ends = starts[:-1], ends[:-1]
+            length = ends - starts
+            blank = (length == 0) | ((length == 1) & (view[np.minimum(starts, cut - 1)] == 13))
+            rows = int(len(starts) - blank.sum())
+            pieces.append(
+                Piece(str(path), index, first_row, rows, start=start, stop=start + cut, lines_before=lines_before)
+            )
+            first_row += rows
+            lines_before += len(newlines)
+            start += cut
+    return pieces

@@ -83,6 +83,12 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
     variant = meta.get("class", "CropYieldRegressor")
     if variant not in _VARIANTS:
         raise CropYieldError(f"{path}: unknown model class {variant!r} (expected one of {list(_VARIANTS)})")
+    partial = meta.get("partial_pass")
+    if isinstance(partial, dict) and isinstance(partial.get("count"), torch.Tensor) and partial["count"].sum() > 0:
+        raise CropYieldError(
+            f"{path}: saved in the middle of an exact least-squares pass ({int(partial['count'].sum())} rows read), "
+            "so its weights are not a solution; resume it with --ckpt_path or use the checkpoint of the pass's end"
+        )
     kwargs = {k: hparams[k] for k in _HPARAMS if k in hparams}
     weight, bias = state["linear.weight"], state["linear.bias"]
     expected = (kwargs.get("out_features", 2), kwargs.get("in_features", 3))

@@ -4,6 +4,7 @@ Run from the repository root (needs the ``arrow`` extra):
 
     python scripts/make_data.py --rows 1000000 --out bench-data/crops-1M.csv
     python scripts/make_data.py --rows 100000 --features 7 --targets 3 --out data.parquet
+    python scripts/make_data.py --rows 1e7 --files 8 --out bench-data/crops-1e7/   # a folder of Parquet files
 
 Features are drawn around the tutorial's (temperature ~ 80, rainfall ~ 90, humidity ~ 55; more
 features get generic names); targets are ``inputs @ W.T + b + noise`` with ``W, b`` the
@@ -41,7 +42,7 @@ def make(rows: int, features: int = 3, targets: int = 2, noise: float = 1.0, see
     return table, names, weight, bias
 
 
-def write(table: np.ndarray, names: list[str], out: Path) -> None:
+def write(table: np.ndarray, names: list[str], out: Path, row_group_rows: int = 1 << 20) -> None:
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet
@@ -49,7 +50,7 @@ def write(table: np.ndarray, names: list[str], out: Path) -> None:
     arrow = pa.table({name: table[:, j] for j, name in enumerate(names)})
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() in (".parquet", ".pq"):
-        pa.parquet.write_table(arrow, out)
+        pa.parquet.write_table(arrow, out, row_group_size=row_group_rows, write_page_checksum=True)
     else:
         with open(out, "wb") as f:
             f.write((",".join(names) + "\n").encode())
@@ -63,10 +64,29 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=2, help="target columns (default: 2, the tutorial's)")
     parser.add_argument("--noise", type=float, default=1.0, help="std of the targets' noise (default: 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output file (.csv, .parquet), or a folder with --files"
+    )
+    parser.add_argument("--files", type=int, default=0, help="write a folder of this many files (default: one file)")
+    parser.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file type with --files")
+    parser.add_argument(
+        "--row-group-rows", type=int, default=1 << 20, help="Parquet rows per row group (default: 2^20)"
+    )
     args = parser.parse_args()
-    table, names, weight, bias = make(int(args.rows), args.features, args.targets, args.noise, args.seed)
-    write(table, names, args.out)
+    rows = int(args.rows)
+    if args.files:
+        # Unequal sizes on purpose: file k holds a share proportional to k + 1.
+        shares = np.arange(1, args.files + 1)
+        bounds = np.concatenate([[0], np.cumsum(shares)]) * rows // shares.sum()
+        for k in range(args.files):
+            part, names, weight, bias = make(int(bounds[k + 1] - bounds[k]), args.features, args.targets, args.noise,
+                                             args.seed + k)  # fmt: skip
+            write(part, names, args.out / f"part-{k:03d}.{args.format}", args.row_group_rows)
+        print(f"wrote {rows:,} rows in {args.files} files to {args.out}/")
+        print(f"true weight {np.round(weight, 4).tolist()}, bias {np.round(bias, 4).tolist()}")
+        return
+    table, names, weight, bias = make(rows, args.features, args.targets, args.noise, args.seed)
+    write(table, names, args.out, args.row_group_rows)
     print(f"wrote {len(table):,} rows x {len(names)} columns ({', '.join(names)}) to {args.out}")
     print(f"true weight {np.round(weight, 4).tolist()}, bias {np.round(bias, 4).tolist()}")
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from cropyield import FEATURE_NAMES, INPUTS, TARGET_NAMES, TARGETS, CropYieldDataModule, CropYieldError
-from cropyield.data import EpochPermutation, GatheredBatches, SlicedBatches
+from cropyield.batches import EpochPermutation, GatheredBatches, SlicedBatches
 
 from .conftest import write_csv
 
@@ -172,12 +172,12 @@ def test_fast_path_is_chosen_by_size_and_gathers_one_permutation_per_epoch():
 
 def test_epoch_permutation_shards_are_disjoint_and_equal_across_ranks():
     shards = [
-        EpochPermutation(11, 2, True, seed=1, rank=r, world_size=3).indices(torch.device("cpu")) for r in range(3)
+        EpochPermutation(11, 2, True, seed=1, rank=r, world_size=3).indices(0, torch.device("cpu")) for r in range(3)
     ]
     assert [len(s) for s in shards] == [3, 3, 3]
     together = torch.cat(shards)
     assert len(set(together.tolist())) == 9
-    again = EpochPermutation(11, 2, True, seed=1, rank=1, world_size=3).indices(torch.device("cpu"))
+    again = EpochPermutation(11, 2, True, seed=1, rank=1, world_size=3).indices(0, torch.device("cpu"))
     assert torch.equal(again, shards[1])
 
 

@@ -84,3 +84,29 @@ def test_exact_solver_under_ddp_reads_every_row_once_and_equals_one_process(tmp_
         result.stdout,
     )
     assert final[1] == final[2] == f"{optimum:.4f}"
+
+
+@pytest.mark.slow
+def test_streamed_folder_under_ddp_reads_disjoint_shares(tmp_path):
+    from .test_streaming import write_folder
+
+    rows = write_folder(tmp_path / "d", sizes=(700, 1300, 2000), row_group=250)
+    common = ["--data.data_path", tmp_path / "d", "--data.streaming", "true", "--data.shuffle_buffer", "300"]
+    for exact in (False, True):
+        folder = tmp_path / ("exact" if exact else "sgd")
+        folder.mkdir()
+        args = [*common, "--data.batch_size", "50"]
+        args += ["--config", "exact.yaml"] if exact else ["--data.standardize", "true", "--model.lr", "0.05"]
+        result, records, weights = ddp_fit(folder, *args, epochs=1 if exact else 2)
+        ids = [[row[0] for row in r["rows"]] for r in records]
+        assert len(records[0]["rows"]) == len(records[1]["rows"]) or exact
+        assert not set(ids[0]) & set(ids[1])
+        for name in ("weight", "bias"):
+            assert torch.equal(weights[0][name], weights[1][name])
+        if exact:  # every row exactly once across the two processes
+            assert sorted(ids[0] + ids[1]) == rows[:, 0].tolist()
+            assert re.search(
+                r"Final training MSE: ([\d.]+) \(least-squares optimum on the same rows: \1\)", result.stdout
+            )
+        else:  # the same number of rows each; what is left out is less than a piece
+            assert len(ids[0]) == len(ids[1]) and len(rows) - 2 * len(ids[0]) < 250 + 2

@@ -1,0 +1,288 @@
+"""Streaming rows from files bigger than memory: pieces, the epoch plan, and read-ahead.
+
+A data set is a list of pieces (Parquet row groups, blocks of CSV lines; see
+:func:`cropyield.files.list_pieces`). Per epoch, seeded by ``(seed, epoch)``:
+
+1. the pieces are shuffled and dealt to the processes, each to the one holding the fewest rows
+   so far, so every process reads a disjoint part of the data;
+2. each process reads its pieces in that order, a background thread keeping two pieces ahead;
+3. its rows are cut into windows of ``shuffle_buffer`` rows (a multiple of the batch size), and
+   each window is permuted, with a generator seeded by ``(seed, epoch, rank, window)``, then
+   served in batches.
+
+What this guarantees: every training row is served at most once per epoch (exactly once on one
+process), the order is reproducible for a seed, and a row only mixes with the rows of the pieces
+in its window. Under DDP every process serves the same number of batches (Lightning's DDP steps
+together): each takes the same quota of rows, ``(rows - (processes - 1) × largest piece) //
+processes``, and what its pieces hold beyond that is left out for that epoch (different rows each
+epoch, as the pieces are reshuffled). The exact solver reads every row exactly once: no quota; a
+process with fewer rows ends with empty batches.
+
+A held-out row (``val_fraction``) is chosen by a hash of its file and its position in the file,
+so the split is the same every epoch, for every number of processes and every batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import reduce
+
+import numpy as np
+import torch
+
+from cropyield.batches import EpochCounter, Resumable
+from cropyield.errors import CropYieldError
+from cropyield.files import Piece, read_piece
+from cropyield.reference import Moments
+
+DEFAULT_SHUFFLE_BUFFER = 1 << 20
+_END = object()
+
+
+def read_ahead(items: Iterable, read: Callable, depth: int = 2) -> Iterator:
+    """Yields ``read(item)`` for each item, computed up to ``depth`` items ahead in a thread.
+
+    pyarrow releases the GIL while it reads and parses, so reading overlaps training. An error in
+    the thread is raised here, in order; closing the generator stops the thread.
+    """
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(value, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set() or not put((True, read(item))):
+                    return
+            put((True, _END))
+        except BaseException as err:  # handed to the consumer, which raises it
+            put((False, err))
+
+    thread = threading.Thread(target=work, name="cropyield-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, value = results.get()
+            if not ok:
+                raise value
+            if value is _END:
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _mix(*keys: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over each in turn)."""
+    h = 0x9E3779B97F4A7C15
+    for key in keys:
+        h = (h ^ (key & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def held_out(piece: Piece, seed: int, fraction: float) -> np.ndarray:
+    """Which rows of a piece are held out for validation: a hash of (seed, file, row) below ``fraction``."""
+    if fraction <= 0:
+        return np.zeros(piece.rows, dtype=bool)
+    position = np.arange(piece.first_row, piece.first_row + piece.rows, dtype=np.uint64)
+    h = position ^ np.uint64(_mix(seed, piece.file_index))
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+
+
+class StreamSource:
+    """The pieces of a data set and which of their rows train and which are held out."""
+
+    def __init__(self, pieces: Sequence[Piece], columns: Sequence[str], val_fraction: float, seed: int) -> None:
+        self.pieces, self.columns = list(pieces), list(columns)
+        self.val_fraction, self.seed = val_fraction, seed
+        held = [int(held_out(p, seed, val_fraction).sum()) for p in self.pieces]
+        self.train_counts = [p.rows - h for p, h in zip(self.pieces, held, strict=True)]
+        self.val_counts = held if val_fraction > 0 else [p.rows for p in self.pieces]
+
+    def read(self, index: int, part: str = "train") -> np.ndarray:
+        """One piece's rows: ``train`` (not held out), ``val`` (held out; all rows when nothing is) or ``all``."""
+        piece = self.pieces[index]
+        rows = read_piece(piece, self.columns)
+        if part == "all" or self.val_fraction <= 0:
+            return rows
+        mask = held_out(piece, self.seed, self.val_fraction)
+        return rows[mask if part == "val" else ~mask]
+
+    def statistics(self, rank: int = 0, world_size: int = 1) -> Moments:
+        """The training rows' :class:`Moments` in one streaming pass; this process reads every
+        ``world_size``-th piece and the summaries are merged across processes, in rank order."""
+        mine = [i for i in range(len(self.pieces)) if i % world_size == rank and self.train_counts[i]]
+        parts = [Moments.of(torch.from_numpy(rows)) for rows in read_ahead(mine, self.read)]
+        local = reduce(Moments.merge, parts, Moments.empty(len(self.columns)))
+        if world_size == 1:
+            return local
+        gathered: list = [None] * world_size
+        torch.distributed.all_gather_object(gathered, (local.count, local.mean, local.comoment))
+        return reduce(Moments.merge, (Moments(*state) for state in gathered))
+
+
+def deal(counts: Sequence[int], order: Iterable[int], world_size: int) -> list[list[int]]:
+    """Deals pieces, in ``order``, each to the process holding the fewest rows so far."""
+    loads, dealt = [0] * world_size, [[] for _ in range(world_size)]
+    for i in order:
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        dealt[rank].append(i)
+        loads[rank] += counts[i]
+    return dealt
+
+
+class StreamedBatches(Resumable):
+    """Training batches streamed from a :class:`StreamSource` (see the module's docstring).
+
+    Args:
+        source: the pieces and the split.
+        num_features: the first columns are inputs, the rest targets.
+        batch_size: rows per batch.
+        shuffle: shuffle the pieces' order and the rows within each window.
+        seed: seeds every epoch's plan, with the epoch.
+        rank, world_size: this process and how many there are.
+        exact_pass: serve every row exactly once (the exact solver), not an equal quota per process.
+        shuffle_buffer: rows per shuffle window (rounded up to a multiple of ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        source: StreamSource,
+        num_features: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        exact_pass: bool = False,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    ) -> None:
+        self.source, self.num_features, self.batch_size = source, num_features, batch_size
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle and not exact_pass, seed, rank, world_size
+        self.exact_pass = exact_pass
+        self.window = max(1, math.ceil(shuffle_buffer / batch_size)) * batch_size
+        self.sampler = EpochCounter()
+        counts = source.train_counts
+        if exact_pass:
+            self.quota = None
+            most = max(sum(counts[i] for i in share) for share in deal(counts, range(len(counts)), world_size))
+            self.batches = max(1, math.ceil(most / batch_size))
+        else:
+            self.quota = (sum(counts) - (world_size - 1) * max(counts)) // world_size
+            if self.quota < 1:
+                raise CropYieldError(
+                    f"{len(counts)} pieces (row groups or CSV blocks) are too few to share among {world_size} "
+                    "processes; write the data in more, smaller row groups or files"
+                )
+            self.batches = math.ceil(self.quota / batch_size)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def pieces(self, epoch: int) -> list[int]:
+        """This process's pieces for an epoch, in reading order."""
+        counts = self.source.train_counts
+        if self.shuffle:
+            order = torch.randperm(len(counts), generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+            order = order.tolist()
+        else:
+            order = range(len(counts))
+        return deal(counts, order, self.world_size)[self.rank]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        skip, epoch, size, f = self._start(), self.epoch, self.batch_size, self.num_features
+        mine = self.pieces(epoch)
+        counts = [self.source.train_counts[i] for i in mine]
+        limit = self.quota if self.quota is not None else sum(counts)
+        window = skip * size // self.window  # the window of the first batch to serve
+        begin = window * self.window  # its first row in this process's stream
+        ends = np.cumsum(counts)
+        first = int(np.searchsorted(ends, begin, side="right"))
+        needed = [mine[j] for j in range(first, len(mine)) if j == 0 or ends[j - 1] < limit]
+        offset = begin - (int(ends[first - 1]) if first else 0)  # rows of the first piece before `begin`
+        stream = read_ahead(needed, self.source.read)
+        held: list[np.ndarray] = []
+        try:
+            while begin < limit:
+                want = min(self.window, limit - begin)
+                parts, have = [], 0
+                while have < want:
+                    rows = held.pop() if held else next(stream)[offset:]
+                    offset = 0
+                    take = rows[: want - have]
+                    parts.append(take)
+                    have += len(take)
+                    if len(take) < len(rows):
+                        held.append(rows[len(take) :])
+                rows = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
+                if self.shuffle:
+                    generator = torch.Generator().manual_seed(_mix(self.seed, epoch, self.rank, window))
+                    order = torch.randperm(len(rows), generator=generator)
+                first_batch = skip - window * (self.window // size) if skip else 0
+                skip = 0
+                for start in range(first_batch * size, len(rows), size):
+                    batch = rows[start : start + size]
+                    if self.shuffle:
+                        batch = rows.index_select(0, order[start : start + size])
+                    self._yielded += 1
+                    yield batch[:, :f], batch[:, f:]
+                begin += want
+                window += 1
+        finally:
+            stream.close()
+        while self._yielded < self.batches:  # the exact pass: as many batches as the busiest process
+            self._yielded += 1
+            empty = torch.empty(0, len(self.source.columns))
+            yield empty[:, :f], empty[:, f:]
+
+
+class StreamedRows:
+    """Evaluation or prediction rows streamed in file order, this process's pieces only.
+
+    Args:
+        source: the pieces and the split.
+        num_features: the first columns are inputs; later ones (when ``with_targets``) targets.
+        batch_size: rows per batch.
+        part: ``val`` (the held-out rows, or all rows when nothing is held out) or ``all``.
+        rank, world_size: this process takes every ``world_size``-th piece.
+    """
+
+    def __init__(
+        self,
+        source: StreamSource,
+        num_features: int,
+        batch_size: int,
+        part: str = "val",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.source, self.num_features, self.batch_size, self.part = source, num_features, batch_size, part
+        counts = source.val_counts if part == "val" else [p.rows for p in source.pieces]
+        self.mine = [i for i in range(len(counts)) if i % world_size == rank and counts[i]]
+        self.batches = sum(math.ceil(counts[i] / batch_size) for i in self.mine)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        f = self.num_features
+        with_targets = len(self.source.columns) > f
+        for rows in read_ahead(self.mine, lambda i: self.source.read(i, self.part)):
+            for batch in torch.from_numpy(rows).split(self.batch_size):
+                yield (batch[:, :f], batch[:, f:]) if with_targets else batch

@@ -1,0 +1,304 @@
+"""Streaming from files and folders: the epoch plan, sharding, the split, resuming, errors."""
+
+import signal
+import subprocess
+import time
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cropyield import CropYieldDataModule, CropYieldError, CropYieldRegressor, LeastSquaresRegressor, load_regressor
+from cropyield.batches import EpochPermutation, GatheredBatches
+from cropyield.files import data_files, list_pieces, read_table
+from cropyield.streaming import StreamedBatches, StreamSource, held_out
+
+from .conftest import BIN, assert_one_line_error, run, write_csv
+
+pq = pytest.importorskip("pyarrow.parquet")
+pa = pytest.importorskip("pyarrow")
+
+COLUMNS = ["temp", "rainfall", "humidity", "apples", "oranges"]
+
+
+def table(rows: int, seed: int, first: int = 0) -> np.ndarray:
+    """Distinct rows (the first column numbers them) from a known linear model plus noise."""
+    rng = np.random.default_rng(seed)
+    x = np.c_[np.arange(first, first + rows), rng.normal(90, 30, rows), rng.normal(55, 12, rows)]
+    y = x @ np.array([[0.01, 0.8, 0.7], [0.02, 0.8, 0.9]]).T + rng.normal(0, 1, (rows, 2))
+    return np.c_[x, y].astype(np.float32)
+
+
+def write_folder(folder, sizes=(700, 1300, 2000), row_group=250, csv_last=False):
+    """Files of unequal sizes, Parquet (the last one CSV with ``csv_last``), rows numbered across them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts, first = [], 0
+    for k, n in enumerate(sizes):
+        rows = table(n, seed=k, first=first)
+        first += n
+        parts.append(rows)
+        if csv_last and k == len(sizes) - 1:
+            write_csv(folder / f"part-{k}.csv", COLUMNS, rows.tolist())
+        else:
+            arrow = pa.table({c: rows[:, j] for j, c in enumerate(COLUMNS)})
+            pq.write_table(arrow, folder / f"part-{k}.parquet", row_group_size=row_group, write_page_checksum=True)
+    return np.concatenate(parts)
+
+
+def served(loader, epoch=0) -> list[torch.Tensor]:
+    loader.sampler.set_epoch(epoch)
+    return [torch.cat(batch, dim=1) for batch in loader]
+
+
+def test_a_folder_is_its_files_in_sorted_order(tmp_path):
+    expected = write_folder(tmp_path / "d", csv_last=True)
+    dm = CropYieldDataModule(data_path=str(tmp_path / "d"))
+    dm.setup("fit")
+    x, y = dm.training_rows()
+    assert torch.equal(torch.cat([x, y], 1), torch.from_numpy(expected))
+    parts = [read_table(p, COLUMNS) for p in data_files(tmp_path / "d")]
+    assert np.array_equal(np.concatenate(parts), expected)
+
+
+def test_a_file_with_other_columns_is_named(tmp_path):
+    write_folder(tmp_path / "d")
+    write_csv(tmp_path / "d" / "zz.csv", ["temp", "rain", "humidity", "apples", "oranges"], [[1, 2, 3, 4, 5]])
+    with pytest.raises(CropYieldError, match=r"zz\.csv: its columns .* differ from those of part-0\.parquet"):
+        CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=True)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_streaming_serves_every_row_once_per_epoch_reproducibly(tmp_path, shuffle):
+    rows = write_folder(tmp_path / "d", csv_last=True)
+    pieces = list_pieces(data_files(tmp_path / "d"), COLUMNS, csv_block_bytes=4096)
+    source = StreamSource(pieces, COLUMNS, 0.0, seed=3)
+    loader = StreamedBatches(source, 3, batch_size=64, shuffle=shuffle, seed=3, shuffle_buffer=500)
+    epochs = [torch.cat(served(loader, e)) for e in range(2)]
+    for got in epochs:
+        assert got.shape == rows.shape and len(served(loader)) == len(loader) == -(-len(rows) // 64)
+        assert torch.equal(got[got[:, 0].argsort()], torch.from_numpy(rows))
+    again = StreamedBatches(source, 3, batch_size=64, shuffle=shuffle, seed=3, shuffle_buffer=500)
+    assert torch.equal(torch.cat(served(again, 1)), epochs[1])
+    assert torch.equal(epochs[0], epochs[1]) != shuffle
+    if not shuffle:
+        assert torch.equal(epochs[0], torch.from_numpy(rows))
+
+
+def test_ddp_shares_are_disjoint_and_serve_the_same_number_of_batches(tmp_path):
+    rows = write_folder(tmp_path / "d")
+    source = StreamSource(list_pieces(data_files(tmp_path / "d"), COLUMNS), COLUMNS, 0.0, seed=0)
+    for world in (2, 3):
+        loaders = [StreamedBatches(source, 3, 50, True, 0, rank, world, shuffle_buffer=300) for rank in range(world)]
+        shares = [served(loader, epoch=1) for loader in loaders]
+        assert len({len(share) for share in shares}) == 1
+        ids = [set(torch.cat(share)[:, 0].tolist()) for share in shares]
+        assert sum(len(i) for i in ids) == len(set().union(*ids)) == world * loaders[0].quota
+        # What is left out is at most (world - 1) pieces' worth, with 250-row row groups.
+        assert len(rows) - world * loaders[0].quota <= (world - 1) * 250 + world
+        exact = [StreamedBatches(source, 3, 50, True, 0, rank, world, exact_pass=True) for rank in range(world)]
+        shares = [served(loader) for loader in exact]
+        assert len({len(share) for share in shares}) == 1
+        together = torch.cat([torch.cat(share) for share in shares])
+        assert torch.equal(together[together[:, 0].argsort()], torch.from_numpy(rows))
+
+
+def test_held_out_rows_are_stable_disjoint_and_about_the_fraction(tmp_path):
+    rows = write_folder(tmp_path / "d")
+    pieces = list_pieces(data_files(tmp_path / "d"), COLUMNS)
+    source = StreamSource(pieces, COLUMNS, 0.2, seed=5)
+    val = np.concatenate([source.read(i, "val") for i in range(len(pieces))])
+    train = np.concatenate([source.read(i, "train") for i in range(len(pieces))])
+    assert len(val) + len(train) == len(rows) and not set(val[:, 0]) & set(train[:, 0])
+    assert abs(len(val) / len(rows) - 0.2) < 0.03
+    # The same rows held out whatever the pieces (another row-group size) and the processes.
+    write_folder(tmp_path / "e", row_group=333)
+    other_pieces = list_pieces(data_files(tmp_path / "e"), COLUMNS)
+    other = StreamSource(other_pieces, COLUMNS, 0.2, seed=5)
+    assert len(other_pieces) != len(pieces)
+    assert np.array_equal(np.concatenate([other.read(i, "val") for i in range(len(other_pieces))]), val)
+    for world in (1, 2):
+        loaders = [StreamedBatches(source, 3, 64, True, 5, r, world, shuffle_buffer=256) for r in range(world)]
+        trained = set(torch.cat([torch.cat(served(loader, 2)) for loader in loaders])[:, 0].tolist())
+        assert not trained & set(val[:, 0].tolist())
+    assert not np.array_equal(held_out(pieces[2], 5, 0.2), held_out(pieces[2], 6, 0.2))  # another seed, other rows
+
+
+@pytest.mark.parametrize("kind", ["streamed", "gathered"])
+def test_a_loader_restored_mid_epoch_serves_exactly_the_rest(tmp_path, kind):
+    rows = write_folder(tmp_path / "d")
+
+    def make():
+        if kind == "streamed":
+            source = StreamSource(list_pieces(data_files(tmp_path / "d"), COLUMNS), COLUMNS, 0.0, seed=1)
+            return StreamedBatches(source, 3, 64, True, 1, shuffle_buffer=320)
+        return GatheredBatches(torch.from_numpy(rows), 3, EpochPermutation(len(rows), 64, True, seed=1))
+
+    full = served(make(), epoch=2)
+    for stop in (1, 4, 5, 13, len(full) - 1, len(full)):
+        loader = make()
+        loader.sampler.set_epoch(2)
+        iterator = iter(loader)
+        for _ in range(stop):
+            next(iterator)
+        state = loader.state_dict()
+        resumed = make()
+        resumed.load_state_dict(state)
+        rest = [torch.cat(b, 1) for b in resumed]
+        expected = full[stop:] if stop < len(full) else served(make(), epoch=3)
+        assert len(rest) == len(expected) and all(torch.equal(a, b) for a, b in zip(rest, expected, strict=True))
+
+
+def test_statistics_standardize_and_the_exact_fit_agree_streamed_and_in_memory(tmp_path):
+    write_folder(tmp_path / "d", csv_last=True)
+    results = []
+    for streaming in (False, True):
+        L.seed_everything(0, verbose=False)
+        dm = CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=streaming, batch_size=256, standardize=True)
+        model = LeastSquaresRegressor(standardize=True)
+        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu").fit(model, dm)  # fmt: skip
+        results.append((dm.statistics(), dm.feature_mean, model.linear.weight.detach().clone()))
+    (a, mean_a, w_a), (b, mean_b, w_b) = results
+    assert float(a.count) == float(b.count) == 4000
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.comoment, b.comoment, rtol=1e-10, atol=1e-6)
+    assert torch.equal(mean_a, mean_b)
+    torch.testing.assert_close(w_a, w_b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_streamed_standardized_sgd_ends_within_one_percent_of_in_memory(tmp_path):
+    write_folder(tmp_path / "d", sizes=(20_000, 30_000, 10_000), row_group=5000)
+    final = {}
+    for streaming in ("false", "true"):
+        (tmp_path / streaming).mkdir()
+        args = ["--config", "fast.yaml", "--data.data_path", tmp_path / "d", "--data.streaming", streaming,
+                "--data.batch_size", "256", "--trainer.max_epochs", "2", "--data.shuffle_buffer", "20000",
+                "--trainer.limit_val_batches", "0"]  # fmt: skip
+        result = run("cropyield", "fit", *args, cwd=tmp_path / streaming)
+        final[streaming] = float(result.stdout.split("Final training MSE: ")[1].split()[0])
+    assert abs(final["true"] / final["false"] - 1) < 0.01, final
+
+
+def fit_killed_mid_epoch_then_resumed(folder, args, at_step):
+    """Runs `cropyield fit`, SIGKILLs it once a step checkpoint past ``at_step`` exists, resumes it."""
+    command = [str(BIN / "cropyield"), "fit", *map(str, args)]
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if torch.load(last, weights_only=True)["global_step"] >= at_step:
+                break
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    reached = torch.load(last, weights_only=True)
+    loader_state = reached["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    result = run("cropyield", "fit", *args, "--ckpt_path", "last", cwd=folder)
+    assert "Restored all states" in result.stdout and "not resumable" not in result.stderr, result.stderr
+    return reached["global_step"], loader_state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed_folder", "in_memory_fast_path"])
+def test_sigkill_mid_epoch_then_resume_neither_repeats_nor_skips_a_row(tmp_path, streaming):
+    write_folder(tmp_path / "d", sizes=(4000, 6000, 2000), row_group=1000)
+    args = ["--data.data_path", tmp_path / "d", "--data.batch_size", "20", "--trainer.max_epochs", "3",
+            "--checkpoint.every_n_train_steps", "7", "--trainer.limit_val_batches", "0", "--data.standardize", "true",
+            "--model.lr", "0.01"]  # fmt: skip
+    args += (
+        ["--data.streaming", "true", "--data.shuffle_buffer", "1500"]
+        if streaming
+        else ["--data.fast_path_min_rows", "100"]
+    )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "killed").mkdir()
+    run("cropyield", "fit", *args, cwd=tmp_path / "full")
+    step, state = fit_killed_mid_epoch_then_resumed(tmp_path / "killed", args, at_step=800)
+    assert step % 600 and 0 < state["batches"] < 600, (step, state)  # killed in the middle of an epoch
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert full["global_step"] == resumed["global_step"] == 3 * 600  # the final weights are in last.ckpt
+    for name in ("linear.weight", "linear.bias"):
+        assert torch.equal(full["state_dict"][name], resumed["state_dict"][name])
+
+
+def test_last_ckpt_holds_the_final_step_between_step_checkpoints(tmp_path):
+    result = run("cropyield", "fit", "--trainer.max_epochs", "5", "--checkpoint.every_n_train_steps", "4",
+                 "--trainer.limit_val_batches", "0", cwd=tmp_path)  # fmt: skip
+    assert "Final training MSE" in result.stdout
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 15  # 5 epochs of 3 batches; step checkpoints fell on 4, 8, 12
+
+
+@pytest.fixture
+def previous(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"previous run")
+    return folder / "last.ckpt"
+
+
+def test_a_corrupt_row_group_met_mid_pass_is_one_line_and_writes_nothing(tmp_path, previous):
+    write_folder(tmp_path / "d", row_group=250)
+    path = tmp_path / "d" / "part-2.parquet"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # a data page in the middle of the file; the footer intact
+    path.write_bytes(bytes(data))
+    result = run("cropyield", "fit", "--config", "exact.yaml", "--data.data_path", "d", "--data.streaming", "true",
+                 "--data.batch_size", "100", cwd=tmp_path, check_rc=None)  # fmt: skip
+    assert_one_line_error(result, "cropyield: error:", "part-2.parquet", "row group")
+    assert [p.name for p in previous.parent.iterdir()] == ["last.ckpt"] and previous.read_bytes() == b"previous run"
+
+
+def test_a_bad_cell_in_a_late_csv_block_names_its_line_and_column(tmp_path, previous):
+    rows = table(3000, seed=0).tolist()
+    rows[2500][1] = "abc"
+    write_csv(tmp_path / "d.csv", COLUMNS, rows)
+    dm = CropYieldDataModule(data_path=str(tmp_path / "d.csv"), streaming=True)
+    pieces = list_pieces(dm._files, COLUMNS, csv_block_bytes=4096)
+    assert len(pieces) > 10
+    result = run("cropyield", "fit", "--data.data_path", "d.csv", "--data.streaming", "true", "--data.batch_size",
+                 "100", "--trainer.max_epochs", "1", cwd=tmp_path, check_rc=None)  # fmt: skip
+    assert_one_line_error(result, "cropyield: error:", "d.csv, line 2502, column 'rainfall': 'abc' is not a number")
+    assert previous.read_bytes() == b"previous run"
+
+
+def test_streaming_needs_a_path_and_predicts_like_in_memory(tmp_path, quiet):
+    with pytest.raises(CropYieldError, match="streaming=True reads files"):
+        CropYieldDataModule(streaming=True)
+    write_folder(tmp_path / "d")
+    model = CropYieldRegressor()
+    outputs = []
+    for streaming in (False, True):
+        dm = CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=streaming, batch_size=128)
+        outputs.append(torch.cat(L.Trainer(**quiet).predict(model, dm)))
+    assert torch.equal(outputs[0], outputs[1]) and len(outputs[0]) == 4000
+
+
+def test_a_checkpoint_from_the_middle_of_an_exact_pass_resumes_it(tmp_path, quiet):
+    write_folder(tmp_path / "d")
+
+    def fit(model, ckpt_path=None):
+        every = ModelCheckpoint(tmp_path / "ckpts", "{step}", every_n_train_steps=5, save_top_k=-1)
+        options = {**quiet, "enable_checkpointing": True, "callbacks": [every]}
+        dm = CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=True, batch_size=300)
+        L.Trainer(max_epochs=1, **options).fit(model, dm, ckpt_path=ckpt_path)
+        return model
+
+    whole = fit(LeastSquaresRegressor())
+    middle = tmp_path / "ckpts" / "step=5.ckpt"  # 5 of the pass's 14 batches read
+    assert torch.load(middle, weights_only=True)["cropyield"]["partial_pass"]["count"] == 1500
+    with pytest.raises(CropYieldError, match="middle of an exact least-squares pass"):
+        load_regressor(middle)
+    resumed = fit(LeastSquaresRegressor(), ckpt_path=middle)
+    torch.testing.assert_close(resumed.linear.weight, whole.linear.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(resumed.linear.bias, whole.linear.bias, rtol=1e-6, atol=1e-6)
+    assert resumed.moments.count == 4000
