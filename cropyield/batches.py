@@ -140,3 +140,45 @@ class SlicedBatches:
         f = self.num_features
         for batch in self.rows.tensor_split(self.batches):
             yield (batch[:, :f], batch[:, f:]) if batch.shape[1] > f else batch[:, :f]
+
+
+class Chunk(list):
+    """Several consecutive training batches, given to one ``training_step`` that steps on each."""
+
+
+class Chunks:
+    """Groups a training iterable's batches ``steps`` at a time, so that one ``training_step`` call
+    runs several optimizer steps and Lightning's per-call cost is paid once per chunk.
+
+    The batches and their order are the wrapped loader's; its state is kept in batches, so a run
+    resumed mid-epoch serves the same batches whatever the chunk size.
+    """
+
+    def __init__(self, loader: Resumable, steps: int) -> None:
+        self.loader, self.steps = loader, steps
+        self.sampler = loader.sampler  # Lightning calls set_epoch on it
+        self.progress: Callable[[], int] | None = None  # chunks the Trainer has taken this epoch
+        self._start_batch = self._start_progress = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.loader) / self.steps)
+
+    def state_dict(self) -> dict:
+        chunks = self.progress() - self._start_progress if self.progress is not None else 0
+        return {"epoch": self.loader.epoch, "batches": min(len(self.loader), self._start_batch + chunks * self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._start_batch = self.loader._skip
+
+    def __iter__(self) -> Iterator[Chunk]:
+        self._start_progress = self.progress() if self.progress is not None else 0
+        chunk = Chunk()
+        for batch in self.loader:
+            chunk.append(batch)
+            if len(chunk) == self.steps:
+                yield chunk
+                chunk = Chunk()
+        if chunk:
+            yield chunk
+        self._start_batch = 0

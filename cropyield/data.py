@@ -12,6 +12,7 @@ Which path serves the rows:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cropyield.batches import EpochPermutation, GatheredBatches, SlicedBatches
+from cropyield.batches import Chunks, EpochPermutation, GatheredBatches, SlicedBatches
 from cropyield.errors import CropYieldError
 from cropyield.files import check_columns, data_files, list_pieces, read_columns, read_piece, read_table
 from cropyield.reference import Moments
@@ -78,6 +79,12 @@ class CropYieldDataModule(L.LightningDataModule):
             and the pieces in flight, not by the data. Shuffling is then per window (see
             ``cropyield.streaming``); statistics take one extra pass.
         shuffle_buffer: when streaming, rows shuffled together (rounded up to whole batches).
+        steps_per_call: on the fast and streaming paths, batches given to one ``training_step``,
+            which takes one optimizer step on each (Lightning's per-call cost is then paid once for
+            them all; the arithmetic is that of one batch per call). None chooses it (about 2^19
+            rows a call, at most 64 batches, a divisor of ``every_n_train_steps``); 1 turns it off.
+            Only cropyield's own ``training_step`` does this: a subclass that overrides it gets
+            one batch per call.
     """
 
     _memory: tuple[tuple[str, ...], torch.Tensor] | None = None  # (column names, rows), from_tensors
@@ -97,6 +104,7 @@ class CropYieldDataModule(L.LightningDataModule):
         fast_path_min_rows: int = FAST_PATH_MIN_ROWS,
         streaming: bool = False,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        steps_per_call: int | None = None,
     ) -> None:
         super().__init__()
         if data_path is not None and csv_path is not None:
@@ -107,6 +115,8 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if limit_rows is not None and limit_rows < 1:
             raise CropYieldError(f"limit_rows must be at least 1, got {limit_rows}")
+        if steps_per_call is not None and steps_per_call < 1:
+            raise CropYieldError(f"steps_per_call must be at least 1, got {steps_per_call}")
         if shuffle_buffer < 1:
             raise CropYieldError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
         path = data_path if data_path is not None else csv_path
@@ -122,6 +132,7 @@ class CropYieldDataModule(L.LightningDataModule):
         self.fast_path_min_rows = fast_path_min_rows
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
+        self.steps_per_call = steps_per_call
 
         if self.data_path is not None:
             # The headers are read now, so a bad path or column fails before a Trainer exists.
@@ -275,7 +286,7 @@ class CropYieldDataModule(L.LightningDataModule):
                 self._stream, self.num_features, self.batch_size, self.shuffle, self._seed(), rank, world,
                 exact_pass=exact, shuffle_buffer=self.shuffle_buffer,
             )  # fmt: skip
-            return self._resumable(loader)
+            return self._chunked(loader)
         if exact:
             # The exact solver reads every training row once, each process a disjoint share.
             rank, world = self._rank_and_world()
@@ -293,7 +304,7 @@ class CropYieldDataModule(L.LightningDataModule):
                 rank,
                 world,
             )
-            return self._resumable(GatheredBatches(self._train, self.num_features, sampler))
+            return self._chunked(GatheredBatches(self._train, self.num_features, sampler))
         inputs, targets = self.training_rows()
         return DataLoader(
             TensorDataset(inputs.contiguous(), targets.contiguous()),
@@ -319,8 +330,19 @@ class CropYieldDataModule(L.LightningDataModule):
         if "torch_rng_state" in state_dict:
             torch.set_rng_state(state_dict["torch_rng_state"])
 
-    def _resumable(self, loader):
-        """Lets the loader's state_dict count the batches the Trainer has taken, not those fetched ahead."""
+    def _chunked(self, loader):
+        """Groups the batches in chunks when the model steps on chunks (see ``steps_per_call``), and
+        lets the loader's state_dict count what the Trainer has taken, not what it fetched ahead."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        steps = 1
+        if model is not None and getattr(type(model).training_step, "handles_chunks", False):
+            steps = self.steps_per_call or min(64, max(1, (1 << 19) // self.batch_size))
+            for callback in self.trainer.checkpoint_callbacks:  # step checkpoints fall on chunk ends
+                every = getattr(callback, "_every_n_train_steps", 0)
+                steps = math.gcd(steps, every) if every else steps
+            steps = min(steps, len(loader))
+        if steps > 1:
+            loader = Chunks(loader, steps)
         if self.trainer is not None:
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
             loader.progress = lambda: progress.ready

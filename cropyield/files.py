@@ -307,7 +307,7 @@ def data_files(path: str | os.PathLike) -> list[Path]:
         return [_check_path(path)]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES)
     if not files:
-        raise CropYieldError(f"{path}: the folder holds no .csv or .parquet file")
+        raise CropYieldError(f"{path}: is a directory holding no .csv or .parquet file")
     first = read_columns(files[0])
     for other in files[1:]:
         columns = read_columns(other)

@@ -18,6 +18,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from typing_extensions import override
 
+from cropyield.batches import Chunk, Chunks
 from cropyield.data import FEATURE_NAMES, TARGET_NAMES, default_names
 from cropyield.errors import CropYieldError, CropYieldWarning, TrainingDivergedError
 from cropyield.reference import LeastSquares, Moments, float32_fit, solve
@@ -176,10 +177,26 @@ class CropYieldRegressor(BaseRegressor):
 
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, Chunk):
+            return self._chunk_step(batch, lambda x, y: F.mse_loss(self(x), y))
         x, y = batch
         loss = F.mse_loss(self(x), y)
         self._track(loss, len(x))
         return loss
+
+    training_step.handles_chunks = True  # the data module may give it several batches at once
+    _made_manual = False
+
+    @override
+    def on_train_start(self) -> None:
+        # Several optimizer steps in one call need manual optimization; one batch a call keeps
+        # the automatic optimization of the tutorial. (Left as set after the fit: Lightning reads
+        # `global_step` from the counter of the current mode.)
+        chunked = isinstance(self.trainer.train_dataloader, Chunks)
+        if chunked and self.automatic_optimization:
+            self.automatic_optimization, self._made_manual = False, True
+        elif not chunked and self._made_manual:
+            self.automatic_optimization, self._made_manual = True, False
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -195,6 +212,35 @@ class CropYieldRegressor(BaseRegressor):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def _chunk_step(self, chunk: Chunk, loss_fn) -> torch.Tensor:
+        """One optimizer step per batch of the chunk, as one batch per call would take them.
+
+        The losses are checked once per chunk (one host sync, not one per step on a GPU); a run that
+        diverged inside the chunk stops there, and the checkpoint guard refuses its weights.
+        """
+        optimizer = self.optimizers()
+        losses, sizes = [], []
+        for x, y in chunk:
+            if 0 <= self.trainer.max_steps <= self.global_step:  # never step past max_steps
+                break
+            loss = loss_fn(x, y)
+            self.manual_backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+            sizes.append(len(x))
+        values = torch.stack(losses).tolist()
+        first = self.global_step - len(values) + 1  # the step of the chunk's first batch
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"training diverged at epoch {self.current_epoch + 1}, step {first + i}: the loss is {value}; "
+                    f"{_REMEDY}"
+                )
+        self._loss_sum += sum(v * n for v, n in zip(values, sizes, strict=True))
+        self._loss_rows += sum(sizes)
+        return losses[-1]
 
     def _track(self, loss: torch.Tensor, rows: int) -> None:
         """Stops a diverging run at this step, before its update; adds the loss to the epoch's mean."""
@@ -264,11 +310,10 @@ class ManualSGDRegressor(CropYieldRegressor):
 
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, Chunk):
+            return self._chunk_step(batch, self._tutorial_loss)
         x, y = batch
-        w, b = self.linear.weight, self.linear.bias
-        preds = self._scale(x) @ w.t() + b
-        diff = preds - y
-        loss = torch.sum(diff * diff) / diff.numel()
+        loss = self._tutorial_loss(x, y)
         self._track(loss, len(x))
         self.manual_backward(loss)
         optimizer = self.optimizers()
@@ -276,9 +321,17 @@ class ManualSGDRegressor(CropYieldRegressor):
         optimizer.zero_grad()
         return loss.detach()
 
+    training_step.handles_chunks = True
+
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return TutorialSGD(self.parameters(), lr=self.hparams.lr)
+
+    def _tutorial_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w, b = self.linear.weight, self.linear.bias
+        preds = self._scale(x) @ w.t() + b
+        diff = preds - y
+        return torch.sum(diff * diff) / diff.numel()
 
 
 class LeastSquaresStatistics(Metric):
@@ -404,7 +457,7 @@ class LeastSquaresRegressor(BaseRegressor):
             self.linear.weight.copy_(weight)
             self.linear.bias.copy_(bias)
         self.solution, self.moments, self._solved = fit, moments, True
-        self.log("train/mse", fit.mse, on_step=False, on_epoch=True)
+        self.log("train/loss", fit.mse, on_step=False, on_epoch=True)  # the MSE, as the SGD variants log
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

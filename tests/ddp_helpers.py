@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from cropyield.batches import Chunk
+
 
 class RecordRank(L.Callback):
     def setup(self, trainer, pl_module, stage):
@@ -23,7 +25,8 @@ class RecordRank(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == 0:
-            self.rows += batch[0].tolist()
+            for x, _ in batch if isinstance(batch, Chunk) else [batch]:  # a chunk holds several batches
+                self.rows += x.tolist()
 
     def on_fit_end(self, trainer, pl_module):
         rank = trainer.global_rank

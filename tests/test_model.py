@@ -1,5 +1,7 @@
 """Exactness against the tutorial's own loops, written here in plain PyTorch."""
 
+import math
+
 import lightning as L
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ from cropyield import (
     ManualSGDRegressor,
     load_regressor,
 )
-from cropyield.errors import CropYieldWarning
+from cropyield.batches import Chunks
+from cropyield.errors import CropYieldWarning, TrainingDivergedError
 
 W0 = torch.tensor([[1.0678, 1.5871, -0.6977], [1.1371, -0.7533, 0.0850]])
 B0 = torch.tensor([1.4050, 1.3311])
@@ -238,7 +241,7 @@ def test_exact_fit_in_memory_logs_and_recomputes_the_same_answer(quiet):
     assert trainer.global_step == 3 * 4  # batches counted as steps: 15 rows in batches of 4, 3 epochs
     once, _ = fit_exact(INPUTS, TARGETS, quiet, epochs=1, batch_size=4)
     assert torch.equal(once.linear.weight, model.linear.weight) and torch.equal(once.linear.bias, model.linear.bias)
-    assert abs(float(trainer.callback_metrics["train/mse"]) - optimum) < 1e-7 * optimum  # logged as float32
+    assert abs(float(trainer.callback_metrics["train/loss"]) - optimum) < 1e-7 * optimum  # logged as float32
     torch.testing.assert_close(trainer.callback_metrics["val/mse"].double(), torch.tensor(optimum, dtype=torch.float64),
                                rtol=1e-5, atol=0)  # fmt: skip
 
@@ -266,3 +269,73 @@ def test_exact_fit_on_a_duplicated_column_warns_and_stays_finite(quiet):
 def test_exact_regressor_rejects_a_negative_penalty():
     with pytest.raises(CropYieldError, match="l2 must be zero or positive"):
         LeastSquaresRegressor(l2=-1.0)
+
+
+# --- several optimizer steps per training_step --------------------------------------------------
+
+
+def hand_written_epochs(x, y, w, b, epochs: int, batch: int, seed: int, step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast path's batches by hand: one permutation per epoch seeded by (seed + epoch), one
+    index_select per batch; ``step(w, b, xb, yb)`` updates w and b in place."""
+    rows = torch.cat([x, y], 1)
+    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    for epoch in range(epochs):
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
+        for idx in order.split(batch):
+            chunk = rows.index_select(0, idx)
+            step(w, b, chunk[:, :3], chunk[:, 3:])
+    return w.detach(), b.detach()
+
+
+def sgd_step(w, b, xb, yb):
+    """The tutorial's built-ins step: F.mse_loss, backward, SGD(lr=1e-5).step(), zero_grad."""
+    opt = torch.optim.SGD([w, b], lr=1e-5)  # stateless without momentum: a new one each step is the same
+    loss = F.mse_loss(xb @ w.T + b, yb)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def tutorial_step(w, b, xb, yb):
+    diff = xb @ w.t() + b - yb
+    loss = torch.sum(diff * diff) / diff.numel()
+    loss.backward()
+    with torch.no_grad():
+        w -= w.grad * 1e-5
+        b -= b.grad * 1e-5
+        w.grad.zero_()
+        b.grad.zero_()
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 3, 1])
+@pytest.mark.parametrize("cls", [CropYieldRegressor, ManualSGDRegressor])
+def test_chunked_steps_equal_one_batch_per_step_by_hand(quiet, cls, steps_per_call):
+    x, y = synthetic(1000, std=3.0, offset=20.0)
+    dm = CropYieldDataModule.from_tensors(x, y, batch_size=64, seed=5, fast_path_min_rows=100,
+                                          steps_per_call=steps_per_call)  # fmt: skip
+    torch.manual_seed(0)
+    model = cls()
+    w0, b0 = model.linear.weight.detach().clone(), model.linear.bias.detach().clone()
+    trainer = L.Trainer(max_epochs=2, **quiet)
+    trainer.fit(model, dm)
+    w, b = hand_written_epochs(x, y, w0, b0, 2, 64, 5, sgd_step if cls is CropYieldRegressor else tutorial_step)
+    assert torch.equal(model.linear.weight, w) and torch.equal(model.linear.bias, b)
+    assert trainer.global_step == 2 * 16  # ceil(1000 / 64) batches an epoch, each one step
+    chunked = steps_per_call != 1
+    assert isinstance(trainer.train_dataloader, Chunks) == chunked
+    assert model.automatic_optimization == (cls is CropYieldRegressor and not chunked)
+    logged = float(trainer.callback_metrics["train/loss"])  # the epoch's mean loss over its rows
+    assert logged > 0 and math.isfinite(logged)
+
+
+def test_chunked_steps_stop_exactly_at_max_steps_and_on_divergence(quiet):
+    x, y = synthetic(1000, std=3.0, offset=20.0)
+
+    def data():
+        return CropYieldDataModule.from_tensors(x, y, batch_size=64, fast_path_min_rows=100, steps_per_call=4)
+
+    trainer = L.Trainer(max_steps=7, **quiet)
+    trainer.fit(CropYieldRegressor(), data())
+    assert trainer.global_step == 7
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at epoch 1, step \d+: the loss is (inf|nan)"):
+        L.Trainer(max_epochs=3, **quiet).fit(CropYieldRegressor(lr=1.0), data())

@@ -53,3 +53,9 @@ def test_report_without_matplotlib_says_how_to_install(fitted, monkeypatch, caps
         main(["--log-dir", str(fitted), "--ckpt", str(fitted / "checkpoints" / "last.ckpt"), "--out", "x.png"])
     assert info.value.code == 2
     assert "pip install 'cropyield[report]'" in capsys.readouterr().err
+
+
+def test_report_of_an_exact_fit(tmp_path):
+    run("cropyield", "fit", "--config", "exact.yaml", cwd=tmp_path)
+    run("cropyield-report", "--log-dir", ".", "--ckpt", "checkpoints/last.ckpt", "--out", "r.png", cwd=tmp_path)
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

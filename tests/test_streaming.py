@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cropyield import CropYieldDataModule, CropYieldError, CropYieldRegressor, LeastSquaresRegressor, load_regressor
-from cropyield.batches import EpochPermutation, GatheredBatches
+from cropyield.batches import Chunk, Chunks, EpochPermutation, GatheredBatches
 from cropyield.files import data_files, list_pieces, read_table
 from cropyield.streaming import StreamedBatches, StreamSource, held_out
 
@@ -125,28 +125,35 @@ def test_held_out_rows_are_stable_disjoint_and_about_the_fraction(tmp_path):
     assert not np.array_equal(held_out(pieces[2], 5, 0.2), held_out(pieces[2], 6, 0.2))  # another seed, other rows
 
 
-@pytest.mark.parametrize("kind", ["streamed", "gathered"])
+@pytest.mark.parametrize("kind", ["streamed", "gathered", "chunks of 3"])
 def test_a_loader_restored_mid_epoch_serves_exactly_the_rest(tmp_path, kind):
     rows = write_folder(tmp_path / "d")
 
-    def make():
+    def make(epoch):
         if kind == "streamed":
             source = StreamSource(list_pieces(data_files(tmp_path / "d"), COLUMNS), COLUMNS, 0.0, seed=1)
-            return StreamedBatches(source, 3, 64, True, 1, shuffle_buffer=320)
-        return GatheredBatches(torch.from_numpy(rows), 3, EpochPermutation(len(rows), 64, True, seed=1))
+            loader = StreamedBatches(source, 3, 64, True, 1, shuffle_buffer=320)
+        else:
+            loader = GatheredBatches(torch.from_numpy(rows), 3, EpochPermutation(len(rows), 64, True, seed=1))
+            loader = Chunks(loader, 3) if kind.startswith("chunks") else loader
+        loader.sampler.set_epoch(epoch)
+        return loader
 
-    full = served(make(), epoch=2)
-    for stop in (1, 4, 5, 13, len(full) - 1, len(full)):
-        loader = make()
-        loader.sampler.set_epoch(2)
+    def flat(items):  # the rows of each batch, a chunk's batches one by one
+        return [torch.cat(b, 1) for item in items for b in (item if isinstance(item, Chunk) else [item])]
+
+    items = list(make(2))
+    for stop in (1, 4, 5, len(items) - 1, len(items)):
+        loader, taken = make(2), [0]
+        loader.progress = lambda taken=taken: taken[0]  # what the Trainer took; it fetches one item ahead
         iterator = iter(loader)
-        for _ in range(stop):
+        for _ in range(min(stop + 1, len(items))):
             next(iterator)
-        state = loader.state_dict()
-        resumed = make()
-        resumed.load_state_dict(state)
-        rest = [torch.cat(b, 1) for b in resumed]
-        expected = full[stop:] if stop < len(full) else served(make(), epoch=3)
+        taken[0] = stop
+        resumed = make(0)  # a new process: the epoch comes from the state
+        resumed.load_state_dict(loader.state_dict())
+        rest = flat(resumed)
+        expected = flat(items[stop:]) if stop < len(items) else flat(make(3))
         assert len(rest) == len(expected) and all(torch.equal(a, b) for a, b in zip(rest, expected, strict=True))
 
 
@@ -215,7 +222,7 @@ def test_sigkill_mid_epoch_then_resume_neither_repeats_nor_skips_a_row(tmp_path,
     args += (
         ["--data.streaming", "true", "--data.shuffle_buffer", "1500"]
         if streaming
-        else ["--data.fast_path_min_rows", "100"]
+        else ["--data.fast_path_min_rows", "100", "--checkpoint.every_n_train_steps", "8"]  # chunks of 8 batches
     )
     (tmp_path / "full").mkdir()
     (tmp_path / "killed").mkdir()
