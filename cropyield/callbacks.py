@@ -44,8 +44,13 @@ class ProgressReport(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "lr" not in pl_module.hparams or not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        if getattr(dm, "streaming", False) and getattr(dm, "_statistics", None) is None:
+            return  # the check would cost a pass over the files; standardize=True computes them anyway
         moments = _statistics(trainer, pl_module)
-        if moments is None or "lr" not in pl_module.hparams or not trainer.is_global_zero:
+        if moments is None:
             return
         lr = pl_module.hparams.lr
         bound = max_stable_lr(moments, pl_module.hparams.in_features)

@@ -356,9 +356,8 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
         pa = _pyarrow()
         try:
             table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
-            out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
-            for j, name in enumerate(columns):
-                out[:, j] = table.column(name).to_numpy()
+            out = _table_to_array(pa, table, columns)
+            del table
         except (pa.ArrowException, OSError, ValueError) as err:
             raise CropYieldError(
                 f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
@@ -390,9 +389,7 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
                     include_columns=list(columns), column_types=dict.fromkeys(columns, pa.float32())
                 ),
             )
-            out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
-            for j, name in enumerate(columns):
-                out[:, j] = table.column(name).to_numpy()
+            out = _table_to_array(pa, table, columns)
             if not np.isfinite(out).all():
                 out = None
         except (pa.ArrowException, ValueError):
@@ -404,6 +401,21 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
             raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
         out = _parse_csv_lines(path, io.StringIO(text, newline=""), names, columns, piece.lines_before)
     return out[: piece.rows]
+
+
+def _table_to_array(pa, table, columns: Sequence[str]) -> np.ndarray:
+    """An Arrow table's columns copied once into a float32 array (empty cells raise ValueError)."""
+    out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+    for j, name in enumerate(columns):
+        start = 0
+        for chunk in table.column(name).chunks:
+            if chunk.type != pa.float32():
+                chunk = chunk.cast(pa.float32(), safe=False)  # out of float32's range: inf, refused later
+            if chunk.null_count:
+                chunk = chunk.fill_null(float("nan"))  # an empty cell: NaN, refused later with its row
+            out[start : start + len(chunk), j] = _float32_values(chunk)
+            start += len(chunk)
+    return out
 
 
 def _parquet_pieces(path: Path, index: int, columns: Sequence[str]) -> list[Piece]:

@@ -354,7 +354,12 @@ class LeastSquaresStatistics(Metric):
         self.add_state("comoment", empty.comoment, dist_reduce_fx=None)
 
     def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        merged = self.moments().merge(Moments.of(torch.cat([inputs, targets], dim=1)))
+        # One float64 work buffer, reused: a fresh one per batch costs page faults on every step.
+        work = getattr(self, "_work", None)
+        if work is None or work.shape[0] < len(inputs) or work.device != inputs.device:
+            width = inputs.shape[1] + targets.shape[1]
+            self._work = work = torch.empty(len(inputs), width, dtype=torch.float64, device=inputs.device)
+        merged = self.moments().merge(Moments.of(inputs, targets, work=work))
         self.count, self.mean, self.comoment = merged.count, merged.mean, merged.comoment
 
     def moments(self) -> Moments:

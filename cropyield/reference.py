@@ -34,12 +34,20 @@ class Moments:
     comoment: torch.Tensor  # [columns, columns]
 
     @staticmethod
-    def of(rows: torch.Tensor) -> Moments:
-        """Summarizes one block of rows ``[rows, columns]`` (any float dtype, any device)."""
-        z = rows.double()
-        mean = z.mean(0) if len(z) else torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
-        centred = z - mean
-        return Moments(torch.tensor(float(len(z)), dtype=torch.float64, device=z.device), mean, centred.T @ centred)
+    def of(*blocks: torch.Tensor, work: torch.Tensor | None = None) -> Moments:
+        """Summarizes one block of rows ``[rows, columns]`` (any float dtype, any device), or several
+        blocks side by side (``inputs, targets``). ``work``, a float64 tensor of at least that
+        shape, is used for the centred copy instead of a new allocation."""
+        n, width = len(blocks[0]), sum(b.shape[1] for b in blocks)
+        if work is None or work.shape[0] < n or work.shape[1] != width:
+            work = torch.empty(n, width, dtype=torch.float64, device=blocks[0].device)
+        centred, start = work[:n], 0
+        for block in blocks:
+            centred[:, start : start + block.shape[1]].copy_(block)
+            start += block.shape[1]
+        mean = centred.mean(0) if n else centred.new_zeros(width)
+        centred -= mean
+        return Moments(centred.new_tensor(float(n)), mean, centred.T @ centred)
 
     @staticmethod
     def empty(columns: int, device: torch.device | str | None = None) -> Moments:
@@ -49,8 +57,9 @@ class Moments:
     @staticmethod
     def of_table(rows: torch.Tensor, chunk: int = _CHUNK) -> Moments:
         """Summarizes a whole table block by block, so float64 temporaries stay small."""
-        parts = [Moments.of(block) for block in rows.split(chunk)] or [Moments.empty(rows.shape[1], rows.device)]
-        return reduce(Moments.merge, parts)
+        work = torch.empty(min(chunk, len(rows)), rows.shape[1], dtype=torch.float64, device=rows.device)
+        parts = [Moments.of(block, work=work) for block in rows.split(chunk)]
+        return reduce(Moments.merge, parts, Moments.empty(rows.shape[1], rows.device))
 
     def merge(self, other: Moments) -> Moments:
         """The summary of this table followed by ``other``'s (Chan, Golub and LeVeque's update)."""
@@ -176,9 +185,8 @@ def least_squares(inputs: torch.Tensor, targets: torch.Tensor, l2: float = 0.0) 
         >>> fit.weight.round(decimals=6).tolist(), fit.bias.round(decimals=6).tolist(), round(fit.mse, 9)
         ([[1.0, 2.0]], [3.0], 0.0)
     """
-    parts = [
-        Moments.of(torch.cat([x, y], dim=1)) for x, y in zip(inputs.split(_CHUNK), targets.split(_CHUNK), strict=True)
-    ]
+    work = torch.empty(min(_CHUNK, len(inputs)), inputs.shape[1] + targets.shape[1], dtype=torch.float64)
+    parts = [Moments.of(x, y, work=work) for x, y in zip(inputs.split(_CHUNK), targets.split(_CHUNK), strict=True)]
     return solve(reduce(Moments.merge, parts), inputs.shape[1], l2)
 
 

@@ -160,7 +160,7 @@ class Clock(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.start, self.rows = time.perf_counter(), 0
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rows += len(batch[0])
+        self.rows += sum(len(x) for x, _ in batch) if isinstance(batch, list) else len(batch[0])
     def on_train_end(self, trainer, pl_module):
         self.seconds = time.perf_counter() - self.start
 
