@@ -355,17 +355,17 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
     if _kind(path) == "parquet":
         pa = _pyarrow()
         try:
-            table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
-            out = _table_to_array(pa, table, columns)
-            del table
+            file = _parquet_file(path)
+            out = np.empty((file.metadata.row_group(piece.row_group).num_rows, len(columns)), dtype=np.float32)
+            for j, name in enumerate(columns):  # a column at a time: its Arrow copy is all that is extra
+                out[:, j : j + 1] = _table_to_array(pa, file.read_row_group(piece.row_group, columns=[name]), [name])
         except (pa.ArrowException, OSError, ValueError) as err:
             raise CropYieldError(
                 f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
             ) from None
         out = out[: piece.rows]
-        bad = ~np.isfinite(out)
-        if bad.any():
-            row, j = map(int, np.argwhere(bad)[0])
+        if not np.isfinite(out).all():
+            row, j = map(int, np.argwhere(~np.isfinite(out))[0])
             raise CropYieldError(
                 f"{path}, row {piece.first_row + row + 1}, column {columns[j]!r}: value is empty, NaN, infinite or "
                 "out of float32 range"

@@ -448,6 +448,7 @@ class LeastSquaresRegressor(BaseRegressor):
     def _solve(self) -> None:
         moments = self.statistics.compute()  # gathered and merged in rank order under DDP
         self.statistics.reset()  # a checkpoint from now on holds no partial pass
+        self.statistics._work = None  # the float64 work buffer: not needed until the next pass
         p = self.hparams.in_features
         if self.hparams.standardize:
             moments = moments.scaled(p, self.feature_mean, self.feature_std)

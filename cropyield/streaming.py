@@ -327,5 +327,8 @@ class StreamedRows:
         f = self.num_features
         with_targets = len(self.source.columns) > f
         for rows in read_ahead(self.mine, lambda i: self.source.read(i, self.part)):
-            for batch in torch.from_numpy(rows).split(self.batch_size):
+            batches = list(torch.from_numpy(rows).split(self.batch_size))
+            del rows
+            while batches:
+                batch = batches.pop(0).clone()  # the batches Lightning holds keep no whole piece alive
                 yield (batch[:, :f], batch[:, f:]) if with_targets else batch
