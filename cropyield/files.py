@@ -355,10 +355,9 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
     if _kind(path) == "parquet":
         pa = _pyarrow()
         try:
-            file = _parquet_file(path)
-            out = np.empty((file.metadata.row_group(piece.row_group).num_rows, len(columns)), dtype=np.float32)
-            for j, name in enumerate(columns):  # a column at a time: its Arrow copy is all that is extra
-                out[:, j : j + 1] = _table_to_array(pa, file.read_row_group(piece.row_group, columns=[name]), [name])
+            table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
+            out = _table_to_array(pa, table, columns)
+            del table  # (a column at a time would hold less, but measured 1.6 times slower)
         except (pa.ArrowException, OSError, ValueError) as err:
             raise CropYieldError(
                 f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
