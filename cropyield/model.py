@@ -362,6 +362,10 @@ class LeastSquaresStatistics(Metric):
         merged = self.moments().merge(Moments.of(inputs, targets, work=work))
         self.count, self.mean, self.comoment = merged.count, merged.mean, merged.comoment
 
+    def reset(self) -> None:
+        super().reset()
+        self._work = None  # the float64 work buffer is not needed again until the next pass
+
     def moments(self) -> Moments:
         """This process's summary (the states as they are, not gathered)."""
         return Moments(self.count, self.mean, self.comoment)
@@ -389,7 +393,7 @@ class LeastSquaresRegressor(BaseRegressor):
     """The exact least-squares (or ridge) fit, in one pass of the Lightning Trainer: no SGD.
 
     Every ``training_step`` adds its batch to float64 sufficient statistics (count, means, centred
-    co-moments); at the epoch's end they are merged (across processes under DDP) and solved, and
+    co-moments); after the epoch's last batch they are merged (across processes under DDP) and solved, and
     ``self.linear`` holds the solution. Another epoch recomputes the same answer, so ``max_epochs: 1``
     is all it needs. The data module serves every training row exactly once to this model, under
     DDP too. Singular data (a constant or duplicated column, fewer rows than features) gets the
@@ -448,7 +452,6 @@ class LeastSquaresRegressor(BaseRegressor):
     def _solve(self) -> None:
         moments = self.statistics.compute()  # gathered and merged in rank order under DDP
         self.statistics.reset()  # a checkpoint from now on holds no partial pass
-        self.statistics._work = None  # the float64 work buffer: not needed until the next pass
         p = self.hparams.in_features
         if self.hparams.standardize:
             moments = moments.scaled(p, self.feature_mean, self.feature_std)

@@ -47,16 +47,21 @@ def tutorial_from_scratch(w: torch.Tensor, b: torch.Tensor, epochs: int = 100) -
     inputs, targets = INPUTS[:5], TARGETS[:5]
     w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
     for _ in range(epochs):
-        preds = inputs @ w.t() + b
-        diff = preds - targets
-        loss = torch.sum(diff * diff) / diff.numel()
-        loss.backward()
-        with torch.no_grad():
-            w -= w.grad * 1e-5
-            b -= b.grad * 1e-5
-            w.grad.zero_()
-            b.grad.zero_()
+        tutorial_step(w, b, inputs, targets)
     return w.detach(), b.detach()
+
+
+def tutorial_step(w, b, xb, yb):
+    """The tutorial's hand-written step, verbatim: predictions, MSE, backward, update, zero."""
+    preds = xb @ w.t() + b
+    diff = preds - yb
+    loss = torch.sum(diff * diff) / diff.numel()
+    loss.backward()
+    with torch.no_grad():
+        w -= w.grad * 1e-5
+        b -= b.grad * 1e-5
+        w.grad.zero_()
+        b.grad.zero_()
 
 
 @pytest.mark.parametrize("seed", [0, 7, 42, 2024])
@@ -294,17 +299,6 @@ def sgd_step(w, b, xb, yb):
     loss.backward()
     opt.step()
     opt.zero_grad()
-
-
-def tutorial_step(w, b, xb, yb):
-    diff = xb @ w.t() + b - yb
-    loss = torch.sum(diff * diff) / diff.numel()
-    loss.backward()
-    with torch.no_grad():
-        w -= w.grad * 1e-5
-        b -= b.grad * 1e-5
-        w.grad.zero_()
-        b.grad.zero_()
 
 
 @pytest.mark.parametrize("steps_per_call", [None, 3, 1])
