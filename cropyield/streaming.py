@@ -228,7 +228,7 @@ class StreamedBatches(Resumable):
         skip, epoch, size, f = self._start(), self.epoch, self.batch_size, self.num_features
         mine = self.pieces(epoch)
         counts = [self.source.train_counts[i] for i in mine]
-        limit = self.quota if self.quota is not None else sum(counts)
+        limit = self.quota  # the same for every process: DDP's steps stay in lockstep
         window = skip * size // self.window  # the window of the first batch to serve
         begin = window * self.window  # its first row in this process's stream
         ends = np.cumsum(counts)
