@@ -201,15 +201,6 @@ def float32_fit(fit: LeastSquares, moments: Moments, num_features: int) -> tuple
     return weight, bias.float()
 
 
-def mse_of(inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
-    """The mean squared error of ``inputs @ weight.T + bias`` against ``targets``, summed in float64."""
-    total = 0.0
-    for xc, yc in zip(inputs.split(_CHUNK), targets.split(_CHUNK), strict=True):
-        diff = xc.double() @ weight.double().T + bias.double() - yc.double()
-        total += float((diff * diff).sum())
-    return total / targets.numel()
-
-
 def max_stable_lr(moments: Moments, num_features: int) -> float:
     """The largest stable full-batch SGD step on the MSE loss: 2 / the Hessian's largest eigenvalue.
 

@@ -186,7 +186,7 @@ def quality(rows: torch.Tensor, f: int, device, epochs: int = 3) -> tuple[float,
     import lightning as L
 
     from cropyield import CropYieldDataModule, CropYieldRegressor
-    from cropyield.reference import least_squares, mse_of
+    from cropyield.reference import solve
 
     L.seed_everything(0, verbose=False)
     x, y = rows[:, :f].cpu(), rows[:, f:].cpu()
@@ -196,10 +196,11 @@ def quality(rows: torch.Tensor, f: int, device, epochs: int = 3) -> tuple[float,
         accelerator=device.type, devices=1, max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     ).fit(model, dm)  # fmt: skip
-    model = model.cpu()
-    with torch.no_grad():
-        final = mse_of(model._scale(x), y, model.linear.weight, model.linear.bias)
-    return final, least_squares(x, y).mse
+    # The data module's statistics (computed once for standardize) give both numbers: no further pass.
+    model, moments = model.cpu(), dm.statistics()
+    scaled = moments.scaled(f, model.feature_mean, model.feature_std)
+    final = float(scaled.mse(f, model.linear.weight.detach(), model.linear.bias.detach()).mean())
+    return final, solve(moments, f).mse
 
 
 def one(n: int, device: torch.device, seconds: float, data_dir: Path, skip_ingest: bool) -> dict:

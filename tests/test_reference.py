@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from cropyield import INPUTS, TARGETS
-from cropyield.reference import Moments, least_squares, max_stable_lr, mse_of, solve
+from cropyield.reference import Moments, least_squares, max_stable_lr, solve
 
 
 def test_least_squares_recovers_a_known_linear_model():
@@ -25,12 +25,6 @@ def test_least_squares_on_the_tutorial_data_matches_lstsq():
     torch.testing.assert_close(fit.bias, solution[3], rtol=1e-8, atol=1e-9)
     optimum = ((design @ solution - TARGETS.double()) ** 2).mean().item()
     assert abs(fit.mse - optimum) < 1e-9 and abs(fit.mse - 0.909) < 1e-3
-
-
-def test_mse_of_is_the_mean_squared_error():
-    w, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
-    expected = ((INPUTS.double() @ w.T + b - TARGETS.double()) ** 2).mean().item()
-    assert abs(mse_of(INPUTS, TARGETS, w, b) - expected) < 1e-9 * expected
 
 
 def _loss(params: torch.Tensor) -> torch.Tensor:
