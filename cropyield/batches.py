@@ -34,7 +34,7 @@ class Resumable:
 
     sampler: EpochCounter
     progress: Callable[[], int] | None = None
-    _skip = 0  # batches of the epoch to pass over on the next iteration (a resumed run)
+    _skip, _skip_epoch = 0, -1  # batches of a restored epoch already trained on, passed over once
     _yielded = 0
 
     @property
@@ -46,13 +46,20 @@ class Resumable:
         return {"epoch": self.epoch, "batches": int(done)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.epoch, self._skip = int(state["epoch"]), int(state["batches"])
-        if self._skip >= len(self):  # saved at the epoch's end: the next one starts afresh
-            self.sampler.epoch, self._skip = self.epoch + 1, 0
+        epoch, skip = int(state["epoch"]), int(state["batches"])
+        if skip >= len(self):  # saved at the epoch's end: the next one starts afresh
+            epoch, skip = epoch + 1, 0
+        self.sampler.epoch, self._skip, self._skip_epoch = epoch, skip, epoch
+
+    @property
+    def pending_skip(self) -> int:
+        """The batches the next iteration passes over: only in the epoch the state was saved in
+        (Lightning ends an epoch that ``max_steps`` stopped, and resumes at the next one)."""
+        return self._skip if self.epoch == self._skip_epoch else 0
 
     def _start(self) -> int:
         """The batches to skip in the iteration that starts now (consumed once)."""
-        skip, self._skip = self._skip, 0
+        skip, self._skip = self.pending_skip, 0
         self._yielded = skip
         return skip
 
@@ -151,28 +158,30 @@ class Chunks:
     runs several optimizer steps and Lightning's per-call cost is paid once per chunk.
 
     The batches and their order are the wrapped loader's; its state is kept in batches, so a run
-    resumed mid-epoch serves the same batches whatever the chunk size.
+    resumed mid-epoch serves the same batches whatever the chunk size. ``progress`` (set by the
+    data module) returns the optimizer steps taken so far, one per batch: a chunk cut short by
+    ``max_steps`` counts only the batches trained on.
     """
 
     def __init__(self, loader: Resumable, steps: int) -> None:
         self.loader, self.steps = loader, steps
         self.sampler = loader.sampler  # Lightning calls set_epoch on it
-        self.progress: Callable[[], int] | None = None  # chunks the Trainer has taken this epoch
+        self.progress: Callable[[], int] | None = None
         self._start_batch = self._start_progress = 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.loader) / self.steps)
 
     def state_dict(self) -> dict:
-        chunks = self.progress() - self._start_progress if self.progress is not None else 0
-        return {"epoch": self.loader.epoch, "batches": min(len(self.loader), self._start_batch + chunks * self.steps)}
+        done = self.progress() - self._start_progress if self.progress is not None else 0
+        return {"epoch": self.loader.epoch, "batches": min(len(self.loader), self._start_batch + done)}
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
-        self._start_batch = self.loader._skip
 
     def __iter__(self) -> Iterator[Chunk]:
         self._start_progress = self.progress() if self.progress is not None else 0
+        self._start_batch = self.loader.pending_skip
         chunk = Chunk()
         for batch in self.loader:
             chunk.append(batch)

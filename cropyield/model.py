@@ -12,6 +12,7 @@ from functools import reduce
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric, MetricCollection
@@ -21,6 +22,7 @@ from typing_extensions import override
 from cropyield.batches import Chunk, Chunks
 from cropyield.data import FEATURE_NAMES, TARGET_NAMES, default_names
 from cropyield.errors import CropYieldError, CropYieldWarning, TrainingDivergedError
+from cropyield.graph import ChunkGraph, layout
 from cropyield.reference import LeastSquares, Moments, float32_fit, solve
 
 CHECKPOINT_FORMAT = 1
@@ -159,6 +161,10 @@ class CropYieldRegressor(BaseRegressor):
         standardize: standardize inputs with the per-feature mean and std that the
             ``CropYieldDataModule(standardize=True)`` computes; stored in the checkpoint, so it
             predicts on raw inputs.
+        cuda_graph: on one CUDA device, capture the optimizer steps of a chunk of batches (see the
+            data module's ``steps_per_call``) in a CUDA graph and replay it for every full chunk:
+            the same kernels, launched at once. Per-step backward and optimizer hooks do not run.
+            Ignored, with a warning, where it cannot apply (CPU, DDP, mixed precision, one batch a call).
     """
 
     def __init__(
@@ -169,8 +175,17 @@ class CropYieldRegressor(BaseRegressor):
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
-        super().__init__(in_features, out_features, feature_names, target_names, standardize, lr=float(lr))
+        super().__init__(
+            in_features,
+            out_features,
+            feature_names,
+            target_names,
+            standardize,
+            lr=float(lr),
+            cuda_graph=bool(cuda_graph),
+        )
         if not lr > 0:
             raise CropYieldError(f"lr must be positive, got {lr}")
         self._loss_sum, self._loss_rows = 0.0, 0  # this epoch's training loss, summed over its rows
@@ -186,6 +201,8 @@ class CropYieldRegressor(BaseRegressor):
 
     training_step.handles_chunks = True  # the data module may give it several batches at once
     _made_manual = False
+    _graph: ChunkGraph | None = None
+    _graph_devices = ("cuda",)  # where cuda_graph applies (the CPU tests add "cpu": eager steps, static buffers)
 
     @override
     def on_train_start(self) -> None:
@@ -197,6 +214,14 @@ class CropYieldRegressor(BaseRegressor):
             self.automatic_optimization, self._made_manual = False, True
         elif not chunked and self._made_manual:
             self.automatic_optimization, self._made_manual = True, False
+        self._graph, self._use_graph = None, False  # a graph holds this fit's parameters and optimizer
+        if self.hparams.get("cuda_graph"):
+            why_not = self._why_no_graph(chunked)
+            if why_not:
+                rank_zero_warn(
+                    f"cuda_graph=True has no effect: {why_not}; the steps run eagerly", category=CropYieldWarning
+                )
+            self._use_graph = not why_not
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -220,17 +245,27 @@ class CropYieldRegressor(BaseRegressor):
         diverged inside the chunk stops there, and the checkpoint guard refuses its weights.
         """
         optimizer = self.optimizers()
-        losses, sizes = [], []
-        for x, y in chunk:
-            if 0 <= self.trainer.max_steps <= self.global_step:  # never step past max_steps
-                break
-            loss = loss_fn(x, y)
-            self.manual_backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.detach())
-            sizes.append(len(x))
-        values = torch.stack(losses).tolist()
+        graph = self._graph_for(chunk, loss_fn, optimizer.optimizer) if self._use_graph else None
+        if graph is not None:
+            losses = graph(chunk).clone()  # the graph's output buffer is rewritten by the next chunk
+            steps = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            for _ in chunk:  # what Lightning's optimizer wrapper counts for each step
+                steps.increment_ready()
+                steps.increment_completed()
+            sizes = [len(x) for x, _ in chunk]
+        else:
+            losses, sizes = [], []
+            for x, y in chunk:
+                if 0 <= self.trainer.max_steps <= self.global_step:  # never step past max_steps
+                    break
+                loss = loss_fn(x, y)
+                self.manual_backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.detach())
+                sizes.append(len(x))
+            losses = torch.stack(losses)
+        values = losses.tolist()
         first = self.global_step - len(values) + 1  # the step of the chunk's first batch
         for i, value in enumerate(values):
             if not math.isfinite(value):
@@ -241,6 +276,35 @@ class CropYieldRegressor(BaseRegressor):
         self._loss_sum += sum(v * n for v, n in zip(values, sizes, strict=True))
         self._loss_rows += sum(sizes)
         return losses[-1]
+
+    def _why_no_graph(self, chunked: bool) -> str | None:
+        optimizer = self.trainer.optimizers[0] if len(self.trainer.optimizers) == 1 else None
+        if not chunked:
+            return "training_step gets one batch a call (steps_per_call=1, or too few rows for the fast path)"
+        if self.device.type not in self._graph_devices:
+            return f"training runs on {self.device.type}, not CUDA"
+        if type(self.trainer.strategy) is not SingleDeviceStrategy:
+            return f"it needs one device, not the {type(self.trainer.strategy).__name__}"
+        if self.trainer.precision != "32-true":
+            return f"it needs 32-bit precision, not {self.trainer.precision}"
+        if not (
+            isinstance(optimizer, TutorialSGD)
+            or (type(optimizer) is torch.optim.SGD and all(g["momentum"] == 0 for g in optimizer.param_groups))
+        ):
+            return "it needs plain SGD without momentum (an optimizer without state)"
+        return None
+
+    def _graph_for(self, chunk: Chunk, loss_fn, optimizer: torch.optim.Optimizer) -> ChunkGraph | None:
+        """The graph of this fit for a full chunk that fits under ``max_steps``; None for the rest
+        (the epoch's last chunk when shorter, or holding a shorter batch), which run eagerly."""
+        if 0 <= self.trainer.max_steps < self.global_step + len(chunk):
+            return None
+        if self._graph is None:
+            full = len(chunk) == self.trainer.train_dataloader.steps and len({len(x) for x, _ in chunk}) == 1
+            if not full:
+                return None
+            self._graph = ChunkGraph(loss_fn, optimizer, chunk)
+        return self._graph if self._graph.layout == layout(chunk) else None
 
     def _track(self, loss: torch.Tensor, rows: int) -> None:
         """Stops a diverging run at this step, before its update; adds the loss to the epoch's mean."""
@@ -294,6 +358,8 @@ class ManualSGDRegressor(CropYieldRegressor):
         feature_names: names of the inputs, recorded in checkpoints.
         target_names: names of the targets, used in metric names and predictions.
         standardize: standardize inputs with the data module's feature statistics.
+        cuda_graph: on one CUDA device, replay each chunk's steps as one CUDA graph (as for
+            :class:`CropYieldRegressor`).
     """
 
     def __init__(
@@ -304,8 +370,9 @@ class ManualSGDRegressor(CropYieldRegressor):
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
-        super().__init__(in_features, out_features, lr, feature_names, target_names, standardize)
+        super().__init__(in_features, out_features, lr, feature_names, target_names, standardize, cuda_graph)
         self.automatic_optimization = False
 
     @override

@@ -8,11 +8,12 @@ Run from the repository root (needs the ``bench`` extra: pyarrow, and pandas to 
 
 For each N, in a fresh process: the CSV (written by make_data.py, cached in bench-data/) is
 read by cropyield, pyarrow, pandas and numpy.loadtxt, each in its own process; then training at
-batch 65,536 is timed five ways, best of three interleaved rounds: the Lightning Trainer over
-CropYieldDataModule's fast path (with CropYieldRegressor, and with a bare LightningModule), the
-best hand-written loop (randperm + index_select on one combined tensor), the naive
-``X[idx], Y[idx]`` loop, and the default ``DataLoader(TensorDataset, shuffle=True)``. On
-``--device cuda`` the rows are moved to the GPU once. Prints Markdown tables.
+batch 65,536 is timed, best of three interleaved rounds: the Lightning Trainer over
+CropYieldDataModule's fast path (with CropYieldRegressor, chunked or one batch a call, and with a
+bare LightningModule), the best hand-written loop (randperm + index_select on one combined
+tensor), the ceiling (contiguous slices, no shuffle), the naive ``X[idx], Y[idx]`` loop, and the
+default ``DataLoader(TensorDataset, shuffle=True)``. On ``--device cuda`` the rows are moved to
+the GPU once, and the Trainer also runs with ``cuda_graph=True``. Prints Markdown tables.
 """
 
 import argparse
@@ -132,10 +133,13 @@ def hand_written(kind: str, rows: torch.Tensor, f: int, device, lr: float = 1e-5
     return run
 
 
-def trainer_speed(rows: torch.Tensor, f: int, device, steps: int, bare: bool = False, per_call=None) -> float:
+def trainer_speed(
+    rows: torch.Tensor, f: int, device, steps: int, bare: bool = False, per_call=None, graph: bool = False
+) -> float:
     """Samples/s of ``Trainer.fit`` over CropYieldDataModule's fast path: with CropYieldRegressor
-    (``per_call`` batches a training_step; None: chosen), or (``bare``) with a minimal LightningModule
-    and one batch a call, which shows what Lightning's own loop costs."""
+    (``per_call`` batches a training_step, None: chosen; ``graph``: each chunk's steps replayed as
+    one CUDA graph), or (``bare``) with a minimal LightningModule and one batch a call, which shows
+    what Lightning's own loop costs."""
     import lightning as L
     import torch.nn.functional as F
 
@@ -177,7 +181,7 @@ def trainer_speed(rows: torch.Tensor, f: int, device, steps: int, bare: bool = F
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[clock],
     )  # fmt: skip
-    trainer.fit(Bare() if bare else CropYieldRegressor(f, rows.shape[1] - f), dm)
+    trainer.fit(Bare() if bare else CropYieldRegressor(f, rows.shape[1] - f, cuda_graph=graph), dm)
     return clock.speed
 
 
@@ -227,8 +231,11 @@ def one(n: int, device: torch.device, seconds: float, data_dir: Path, skip_inges
             speed = timed_loop(hand_written(kind, rows, f, device), device, seconds / 3)
             speeds[kind] = max(speeds.get(kind, 0), speed)
         steps = max(10, int(seconds / 3 * speeds["gathered"] / BATCH))
-        for kind, bare, per_call in (("trainer", False, None), ("trainer1", False, 1), ("bare", True, 1)):
-            speed = trainer_speed(rows, f, device, steps, bare=bare, per_call=per_call)
+        variants = [("trainer", False, None, False), ("trainer1", False, 1, False), ("bare", True, 1, False)]
+        if device.type == "cuda":
+            variants.append(("graph", False, None, True))
+        for kind, bare, per_call, graph in variants:
+            speed = trainer_speed(rows, f, device, steps, bare=bare, per_call=per_call, graph=graph)
             speeds[kind] = max(speeds.get(kind, 0), speed)
     row["speed"] = speeds
     row["final_mse"], row["optimum_mse"] = quality(rows, f, device)
@@ -371,19 +378,21 @@ def main() -> None:
         print()
     print(f"Training samples/s at batch {BATCH:,} on {args.device}, in millions:\n")
     print(
-        "| rows | Trainer (fast path, chunked steps) | Trainer, one batch a call | bare LightningModule, same batches "
-        "| best hand-written (eager) | ceiling: contiguous slices, no shuffle | naive X[idx] "
-        "| default DataLoader | Trainer / best hand-written | Trainer / DataLoader | final MSE, 3 epochs standardized "
-        "| least-squares MSE | peak RSS MB |"
+        "| rows | Trainer (fast path, chunked steps) | Trainer, chunks as CUDA graphs | Trainer, one batch a call "
+        "| bare LightningModule, same batches | best hand-written (eager) | ceiling: contiguous slices, no shuffle "
+        "| naive X[idx] | default DataLoader | best Trainer / best hand-written | best Trainer / DataLoader "
+        "| final MSE, 3 epochs standardized | least-squares MSE | peak RSS MB |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         s = r["speed"]
+        best = max(s["trainer"], s.get("graph", 0))
+        graph = f"{s['graph'] / 1e6:.2f}" if "graph" in s else "n/a (CUDA only)"
         print(
-            f"| {r['rows']:.0e} | {s['trainer'] / 1e6:.2f} | {s['trainer1'] / 1e6:.2f} | {s['bare'] / 1e6:.2f} "
-            f"| {s['gathered'] / 1e6:.2f} | {s['slices'] / 1e6:.2f} | {s['indexed'] / 1e6:.2f} "
-            f"| {s['dataloader'] / 1e6:.3f} | {s['trainer'] / s['gathered']:.2f}x "
-            f"| {s['trainer'] / s['dataloader']:.0f}x "
+            f"| {r['rows']:.0e} | {s['trainer'] / 1e6:.2f} | {graph} | {s['trainer1'] / 1e6:.2f} "
+            f"| {s['bare'] / 1e6:.2f} | {s['gathered'] / 1e6:.2f} | {s['slices'] / 1e6:.2f} | {s['indexed'] / 1e6:.2f} "
+            f"| {s['dataloader'] / 1e6:.3f} | {best / s['gathered']:.2f}x "
+            f"| {best / s['dataloader']:.0f}x "
             f"| {r['final_mse']:.4f} | {r['optimum_mse']:.4f} | {r['peak_rss_mb']:.0f} |"
         )
     if not args.skip_tutorial:

@@ -150,6 +150,7 @@ def test_hyperparameters_are_plain_values_and_linear_is_the_only_parameter_modul
         "in_features": 4,
         "out_features": 1,
         "lr": 1e-3,
+        "cuda_graph": False,
         "feature_names": ["feature_0", "feature_1", "feature_2", "feature_3"],
         "target_names": ["target_0"],
         "standardize": False,
@@ -279,16 +280,22 @@ def test_exact_regressor_rejects_a_negative_penalty():
 # --- several optimizer steps per training_step --------------------------------------------------
 
 
-def hand_written_epochs(x, y, w, b, epochs: int, batch: int, seed: int, step) -> tuple[torch.Tensor, torch.Tensor]:
+def hand_written_epochs(
+    x, y, w, b, epochs: int, batch: int, seed: int, step, device: str = "cpu", max_steps: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fast path's batches by hand: one permutation per epoch seeded by (seed + epoch), one
-    index_select per batch; ``step(w, b, xb, yb)`` updates w and b in place."""
-    rows = torch.cat([x, y], 1)
-    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    index_select per batch; ``step(w, b, xb, yb)`` updates w and b in place (at most ``max_steps``)."""
+    rows = torch.cat([x, y], 1).to(device)
+    w, b = w.to(device).clone().requires_grad_(), b.to(device).clone().requires_grad_()
+    steps = 0
     for epoch in range(epochs):
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
-        for idx in order.split(batch):
+        generator = torch.Generator(device).manual_seed(seed + epoch)
+        for idx in torch.randperm(len(rows), generator=generator, device=device).split(batch):
+            if steps == max_steps:
+                break
             chunk = rows.index_select(0, idx)
             step(w, b, chunk[:, :3], chunk[:, 3:])
+            steps += 1
     return w.detach(), b.detach()
 
 

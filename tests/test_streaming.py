@@ -142,19 +142,44 @@ def test_a_loader_restored_mid_epoch_serves_exactly_the_rest(tmp_path, kind):
     def flat(items):  # the rows of each batch, a chunk's batches one by one
         return [torch.cat(b, 1) for item in items for b in (item if isinstance(item, Chunk) else [item])]
 
-    items = list(make(2))
-    for stop in (1, 4, 5, len(items) - 1, len(items)):
-        loader, taken = make(2), [0]
-        loader.progress = lambda taken=taken: taken[0]  # what the Trainer took; it fetches one item ahead
-        iterator = iter(loader)
-        for _ in range(min(stop + 1, len(items))):
-            next(iterator)
-        taken[0] = stop
+    batches = flat(make(2))
+    # `stop` batches trained on: 7 ends inside a chunk of 3, as max_steps can cut one short.
+    for stop in (1, 4, 5, 7, len(batches) - 1, len(batches)):
+        loader, trained = make(2), [0]
+        loader.progress = lambda trained=trained: trained[0]  # what the Trainer counts (chunks: its steps)
+        iterator, fetched = iter(loader), 0
+        while fetched <= stop and fetched < len(batches):  # the Trainer fetches one item ahead
+            item = next(iterator)
+            fetched += len(item) if isinstance(item, Chunk) else 1
+        trained[0] = stop
         resumed = make(0)  # a new process: the epoch comes from the state
         resumed.load_state_dict(loader.state_dict())
         rest = flat(resumed)
-        expected = flat(items[stop:]) if stop < len(items) else flat(make(3))
+        expected = batches[stop:] if stop < len(batches) else flat(make(3))
         assert len(rest) == len(expected) and all(torch.equal(a, b) for a, b in zip(rest, expected, strict=True))
+
+
+@pytest.mark.parametrize("chunks", [False, True])
+def test_a_restored_position_applies_only_to_the_epoch_it_was_saved_in(chunks):
+    # Lightning ends an epoch that max_steps stopped and resumes at the next one: the unfinished
+    # epoch's position must not cut the next epoch short.
+    rows = torch.arange(200.0).reshape(50, 4)
+
+    def make():
+        loader = GatheredBatches(rows, 3, EpochPermutation(len(rows), 4, True, seed=1))
+        return Chunks(loader, 3) if chunks else loader
+
+    def flat(items):
+        return [torch.cat(b, 1) for item in items for b in (item if isinstance(item, Chunk) else [item])]
+
+    loader = make()
+    loader.load_state_dict({"epoch": 0, "batches": 5})
+    loader.sampler.set_epoch(1)  # what the Trainer does when it resumes at the next epoch
+    expected = make()
+    expected.sampler.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(flat(loader), flat(expected), strict=True))
+    loader.load_state_dict({"epoch": 0, "batches": 5})
+    assert len(flat(loader)) == len(flat(expected)) - 5  # in its own epoch the position holds
 
 
 def test_statistics_standardize_and_the_exact_fit_agree_streamed_and_in_memory(tmp_path):
