@@ -39,7 +39,7 @@ class ChunkGraph:
 
     def __call__(self, batches: Sequence[Batch]) -> torch.Tensor:
         """Takes the K steps on ``batches`` (of this graph's layout); returns their K losses."""
-        torch._foreach_copy_([t for b in self.static for t in b], [t for b in batches for t in b])
+        torch._foreach_copy_([t for b in self.static for t in _parts(*b)], [t for b in batches for t in _parts(*b)])
         self.calls += 1
         if self.static[0][0].device.type != "cuda":
             return self._steps()
@@ -59,8 +59,9 @@ class ChunkGraph:
         return torch.stack(losses)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        # torch.cuda.graph's documented recipe: warm up on a side stream, then capture. The warm-up
-        # really steps, so the parameters are saved first and put back after it.
+        # torch.cuda.graph's documented recipe: warm up on a side stream, then capture (on the same
+        # stream, so that cuBLAS has set up for it before). The warm-up really steps, so the
+        # parameters are saved first and put back after it.
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         saved = [p.detach().clone() for p in params]
         side = torch.cuda.Stream()
@@ -74,7 +75,7 @@ class ChunkGraph:
                 torch._foreach_copy_(params, saved)
             self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             self.losses = self._steps()
         return graph
 
@@ -92,6 +93,13 @@ def _one_table(x: torch.Tensor, y: torch.Tensor) -> bool:
         and x.dtype == y.dtype
         and y.data_ptr() == x.data_ptr() + x.shape[1] * x.element_size()
     )
+
+
+def _parts(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors to copy for a batch: its whole rows when it is one table (one contiguous copy)."""
+    if _one_table(x, y):
+        return [x.as_strided((len(x), x.shape[1] + y.shape[1]), x.stride())]
+    return [x, y]
 
 
 def _empty_like_batch(x: torch.Tensor, y: torch.Tensor) -> Batch:
