@@ -16,51 +16,60 @@ import torch
 
 class EpochCounter:
     """The epoch a sampler is in. Lightning calls ``set_epoch`` on a loader's ``sampler`` at the
-    start of each epoch, as it does for a ``DistributedSampler``."""
+    start of each epoch, as it does for a ``DistributedSampler``.
+
+    After a restored state, the data's epoch is the state's, whatever the Trainer counts: Lightning
+    counts an epoch that ``max_steps`` stopped as done, so a run resumed from there is one epoch
+    ahead of its data. The difference is kept, so the resumed run's batches are the uninterrupted
+    run's.
+    """
 
     epoch = 0
+    _restored: int | None = None  # the epoch of a restored state, until the Trainer's next set_epoch
+    _offset = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if self._restored is not None:
+            self._offset, self._restored = self._restored - epoch, None
+        self.epoch = epoch + self._offset
+
+    def restore(self, epoch: int) -> None:
+        self.epoch = self._restored = epoch
 
 
 class Resumable:
     """Epoch and position bookkeeping of a training iterable whose ``sampler`` is an :class:`EpochCounter`.
 
-    ``progress`` (set by the data module) returns how many batches of the current epoch the
-    Trainer has taken: Lightning fetches a batch ahead, so counting what was yielded would
-    overstate what was trained on by one.
+    ``progress`` (set by the data module) counts the batches the Trainer has taken: Lightning
+    fetches a batch ahead, so counting what was yielded would overstate what was trained on by one.
     """
 
     sampler: EpochCounter
     progress: Callable[[], int] | None = None
-    _skip, _skip_epoch = 0, -1  # batches of a restored epoch already trained on, passed over once
-    _yielded = 0
+    _skip = 0  # batches of a restored epoch already trained on, passed over once
+    _start_batch = _start_progress = _yielded = 0
 
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
 
     def state_dict(self) -> dict:
-        done = self.progress() if self.progress is not None else self._yielded
-        return {"epoch": self.epoch, "batches": int(done)}
+        if self.progress is None:
+            return {"epoch": self.epoch, "batches": self._yielded}
+        return {"epoch": self.epoch, "batches": self._start_batch + self.progress() - self._start_progress}
 
     def load_state_dict(self, state: dict) -> None:
         epoch, skip = int(state["epoch"]), int(state["batches"])
         if skip >= len(self):  # saved at the epoch's end: the next one starts afresh
             epoch, skip = epoch + 1, 0
-        self.sampler.epoch, self._skip, self._skip_epoch = epoch, skip, epoch
-
-    @property
-    def pending_skip(self) -> int:
-        """The batches the next iteration passes over: only in the epoch the state was saved in
-        (Lightning ends an epoch that ``max_steps`` stopped, and resumes at the next one)."""
-        return self._skip if self.epoch == self._skip_epoch else 0
+        self.sampler.restore(epoch)
+        self._skip = skip
 
     def _start(self) -> int:
         """The batches to skip in the iteration that starts now (consumed once)."""
-        skip, self._skip = self.pending_skip, 0
-        self._yielded = skip
+        skip, self._skip = self._skip, 0
+        self._start_batch = self._yielded = skip
+        self._start_progress = self.progress() if self.progress is not None else 0
         return skip
 
     def __len__(self) -> int:
@@ -181,7 +190,7 @@ class Chunks:
 
     def __iter__(self) -> Iterator[Chunk]:
         self._start_progress = self.progress() if self.progress is not None else 0
-        self._start_batch = self.loader.pending_skip
+        self._start_batch = self.loader._skip
         chunk = Chunk()
         for batch in self.loader:
             chunk.append(batch)

@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cropyield import CropYieldDataModule, CropYieldRegressor, ManualSGDRegressor
 from cropyield.errors import CropYieldWarning, TrainingDivergedError
-from tests.test_model import hand_written_epochs, sgd_step, synthetic, tutorial_step
+
+from .test_model import hand_written_epochs, sgd_step, synthetic, tutorial_step
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 STEPS = {CropYieldRegressor: sgd_step, ManualSGDRegressor: tutorial_step}

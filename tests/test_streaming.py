@@ -16,6 +16,7 @@ from cropyield.files import data_files, list_pieces, read_table
 from cropyield.streaming import StreamedBatches, StreamSource, held_out
 
 from .conftest import BIN, assert_one_line_error, run, write_csv
+from .test_model import synthetic
 
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
@@ -160,9 +161,9 @@ def test_a_loader_restored_mid_epoch_serves_exactly_the_rest(tmp_path, kind):
 
 
 @pytest.mark.parametrize("chunks", [False, True])
-def test_a_restored_position_applies_only_to_the_epoch_it_was_saved_in(chunks):
-    # Lightning ends an epoch that max_steps stopped and resumes at the next one: the unfinished
-    # epoch's position must not cut the next epoch short.
+def test_a_restored_position_holds_whatever_epoch_the_trainer_counts(chunks):
+    # Lightning counts an epoch that max_steps stopped as done and resumes one epoch ahead: the
+    # restored loader still serves the rest of its own epoch, then the epochs after it in order.
     rows = torch.arange(200.0).reshape(50, 4)
 
     def make():
@@ -172,14 +173,39 @@ def test_a_restored_position_applies_only_to_the_epoch_it_was_saved_in(chunks):
     def flat(items):
         return [torch.cat(b, 1) for item in items for b in (item if isinstance(item, Chunk) else [item])]
 
+    def epoch(n):
+        loader = make()
+        loader.sampler.set_epoch(n)
+        return flat(loader)
+
     loader = make()
     loader.load_state_dict({"epoch": 0, "batches": 5})
-    loader.sampler.set_epoch(1)  # what the Trainer does when it resumes at the next epoch
-    expected = make()
-    expected.sampler.set_epoch(1)
-    assert all(torch.equal(a, b) for a, b in zip(flat(loader), flat(expected), strict=True))
-    loader.load_state_dict({"epoch": 0, "batches": 5})
-    assert len(flat(loader)) == len(flat(expected)) - 5  # in its own epoch the position holds
+    served = []
+    for trainer_epoch in (1, 2):
+        loader.sampler.set_epoch(trainer_epoch)
+        served += flat(loader)
+    expected = epoch(0)[5:] + epoch(1)
+    assert len(served) == len(expected) and all(torch.equal(a, b) for a, b in zip(served, expected, strict=True))
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_a_run_stopped_by_max_steps_and_resumed_takes_the_uninterrupted_runs_batches(quiet, tmp_path, steps_per_call):
+    x, y = synthetic(1000, std=3.0, offset=20.0)
+
+    def fit(max_steps, ckpt_path=None):
+        dm = CropYieldDataModule.from_tensors(x, y, batch_size=64, seed=5, fast_path_min_rows=100,
+                                              steps_per_call=steps_per_call)  # fmt: skip
+        torch.manual_seed(0)
+        model, trainer = CropYieldRegressor(), L.Trainer(max_steps=max_steps, **quiet)
+        trainer.fit(model, dm, ckpt_path=ckpt_path, weights_only=True)
+        return trainer, model
+
+    trainer, _ = fit(5)  # stops inside the first epoch (16 batches), which Lightning then counts as done
+    trainer.save_checkpoint(tmp_path / "stopped.ckpt")
+    resumed = fit(20, tmp_path / "stopped.ckpt")[1]
+    uninterrupted = fit(20)[1]
+    assert torch.equal(resumed.linear.weight, uninterrupted.linear.weight)
+    assert torch.equal(resumed.linear.bias, uninterrupted.linear.bias)
 
 
 def test_statistics_standardize_and_the_exact_fit_agree_streamed_and_in_memory(tmp_path):
