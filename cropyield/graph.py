@@ -29,7 +29,12 @@ class ChunkGraph:
         batches: a chunk whose layout the graph takes; it replays only chunks of the same layout.
     """
 
-    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer, batches):
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        batches: Sequence[Batch],
+    ) -> None:
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.layout = layout(batches)
         self.static = [_empty_like_batch(x, y) for x, y in batches]

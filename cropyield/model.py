@@ -202,6 +202,7 @@ class CropYieldRegressor(BaseRegressor):
     training_step.handles_chunks = True  # the data module may give it several batches at once
     _made_manual = False
     _graph: ChunkGraph | None = None
+    _use_graph = False
     _graph_devices = ("cuda",)  # where cuda_graph applies (the CPU tests add "cpu": eager steps, static buffers)
 
     @override
