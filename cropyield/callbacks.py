@@ -47,7 +47,7 @@ class ProgressReport(Callback):
         if "lr" not in pl_module.hparams or not trainer.is_global_zero:
             return
         dm = trainer.datamodule
-        if getattr(dm, "streaming", False) and getattr(dm, "_statistics", None) is None:
+        if not getattr(dm, "statistics_in_hand", True):
             return  # the check would cost a pass over the files; standardize=True computes them anyway
         moments = _statistics(trainer, pl_module)
         if moments is None:

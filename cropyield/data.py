@@ -271,6 +271,11 @@ class CropYieldDataModule(L.LightningDataModule):
                 raise RuntimeError("call setup('fit') first")
         return self._statistics
 
+    @property
+    def statistics_in_hand(self) -> bool:
+        """Whether :meth:`statistics` costs no pass over files: computed already, or rows in memory."""
+        return self._statistics is not None or self._stream is None
+
     def training_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training inputs and targets (views into one table); call after ``setup("fit")``.
         Not available when streaming: the rows are never all in memory."""

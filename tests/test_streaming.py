@@ -226,6 +226,17 @@ def test_statistics_standardize_and_the_exact_fit_agree_streamed_and_in_memory(t
     torch.testing.assert_close(w_a, w_b, rtol=1e-6, atol=1e-6)
 
 
+def test_statistics_cost_a_pass_only_when_streamed_and_not_yet_taken(tmp_path):
+    write_folder(tmp_path / "d")
+    in_memory = CropYieldDataModule(data_path=str(tmp_path / "d"))
+    in_memory.setup("fit")
+    streamed = CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=True)
+    streamed.setup("fit")
+    assert in_memory.statistics_in_hand and not streamed.statistics_in_hand
+    streamed.statistics()
+    assert streamed.statistics_in_hand
+
+
 @pytest.mark.slow
 def test_streamed_standardized_sgd_ends_within_one_percent_of_in_memory(tmp_path):
     write_folder(tmp_path / "d", sizes=(20_000, 30_000, 10_000), row_group=5000)
