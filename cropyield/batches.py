@@ -166,31 +166,34 @@ class Chunks:
     """Groups a training iterable's batches ``steps`` at a time, so that one ``training_step`` call
     runs several optimizer steps and Lightning's per-call cost is paid once per chunk.
 
-    The batches and their order are the wrapped loader's; its state is kept in batches, so a run
-    resumed mid-epoch serves the same batches whatever the chunk size. ``progress`` (set by the
-    data module) returns the optimizer steps taken so far, one per batch: a chunk cut short by
-    ``max_steps`` counts only the batches trained on.
+    The batches, their order and the state are the wrapped loader's: the state is kept in batches,
+    so a run resumed mid-epoch serves the same batches whatever the chunk size. ``progress`` is the
+    wrapped loader's too; the data module sets it to the optimizer steps taken (one per batch), so
+    a chunk cut short by ``max_steps`` counts only the batches trained on.
     """
 
     def __init__(self, loader: Resumable, steps: int) -> None:
         self.loader, self.steps = loader, steps
         self.sampler = loader.sampler  # Lightning calls set_epoch on it
-        self.progress: Callable[[], int] | None = None
-        self._start_batch = self._start_progress = 0
+
+    @property
+    def progress(self) -> Callable[[], int] | None:
+        return self.loader.progress
+
+    @progress.setter
+    def progress(self, progress: Callable[[], int] | None) -> None:
+        self.loader.progress = progress
 
     def __len__(self) -> int:
         return math.ceil(len(self.loader) / self.steps)
 
     def state_dict(self) -> dict:
-        done = self.progress() - self._start_progress if self.progress is not None else 0
-        return {"epoch": self.loader.epoch, "batches": min(len(self.loader), self._start_batch + done)}
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
     def __iter__(self) -> Iterator[Chunk]:
-        self._start_progress = self.progress() if self.progress is not None else 0
-        self._start_batch = self.loader._skip
         chunk = Chunk()
         for batch in self.loader:
             chunk.append(batch)
@@ -199,4 +202,3 @@ class Chunks:
                 chunk = Chunk()
         if chunk:
             yield chunk
-        self._start_batch = 0

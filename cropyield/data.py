@@ -348,7 +348,6 @@ class CropYieldDataModule(L.LightningDataModule):
             steps = min(steps, len(loader))
         if steps > 1:
             loader = Chunks(loader, steps)
-        if self.trainer is not None and steps > 1:
             loader.progress = lambda: self.trainer.global_step  # one optimizer step per batch
         elif self.trainer is not None:
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
