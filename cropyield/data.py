@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cropyield.batches import Chunks, EpochPermutation, GatheredBatches, SlicedBatches
 from cropyield.errors import CropYieldError
-from cropyield.files import check_columns, data_files, list_pieces, read_columns, read_piece, read_table
+from cropyield.files import check_columns, check_files, data_files, list_pieces, read_columns, read_piece, read_table
 from cropyield.reference import Moments
 from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER, StreamedBatches, StreamedRows, StreamSource
 
@@ -137,13 +137,14 @@ class CropYieldDataModule(L.LightningDataModule):
         if self.data_path is not None:
             # The headers are read now, so a bad path or column fails before a Trainer exists.
             self._files = data_files(self.data_path)
-            source, columns = self.data_path, read_columns(self._files[0])
+            source, columns = str(self._files[0]), read_columns(self._files[0])
         elif self._memory is not None:
             source, columns = "the given tensors", self._memory[0]
         else:
             source, columns = "the embedded data", (*FEATURE_NAMES, *TARGET_NAMES)
         self.target_names = tuple(target_names) if target_names is not None else TARGET_NAMES
         check_columns(source, self.target_names, columns)
+        inferred = feature_names is None
         if feature_names is None:
             feature_names = [c for c in columns if c not in self.target_names]
         self.feature_names = tuple(feature_names)
@@ -153,6 +154,8 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"column(s) {overlap} cannot be both a feature and a target")
         if not self.feature_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
+        if self.data_path is not None:  # a folder's files: columns by name, in any order
+            check_files(self._files, [*self.feature_names, *self.target_names], columns if inferred else None)
         self._columns = tuple(columns)
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None

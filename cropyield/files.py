@@ -294,11 +294,13 @@ class Piece:
 
 
 def data_files(path: str | os.PathLike) -> list[Path]:
-    """A data file, or every ``.csv``/``.parquet`` file of a folder in sorted name order, one schema.
+    """A data file, or every ``.csv``/``.parquet`` file of a folder in sorted name order.
+
+    Columns are read by name, so the files may hold them in any order (see :func:`check_files`).
 
     Raises:
-        CropYieldError: the path is missing, the folder holds no data file, or a file's columns
-            differ from the first file's.
+        CropYieldError: the path is missing, the folder holds no data file, or a file's header is
+            unreadable.
     """
     path = Path(path)
     if not path.exists():
@@ -308,15 +310,33 @@ def data_files(path: str | os.PathLike) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES)
     if not files:
         raise CropYieldError(f"{path}: is a directory holding no .csv or .parquet file")
-    first = read_columns(files[0])
-    for other in files[1:]:
-        columns = read_columns(other)
-        if columns != first:
-            raise CropYieldError(
-                f"{other}: its columns {columns} differ from those of {files[0].name} ({first}); "
-                "every file of a folder must have the same columns"
-            )
+    for file in files:
+        read_columns(file)  # a bad header fails now, naming its file
     return files
+
+
+def check_files(files: Sequence[Path], wanted: Sequence[str], same_as: Sequence[str] | None = None) -> None:
+    """Checks that every file holds the ``wanted`` columns, in any order; others are ignored.
+
+    Args:
+        files: the data files (a folder's, from :func:`data_files`).
+        wanted: the columns read from every file.
+        same_as: when the features were not named but taken from the first file's columns, those
+            columns: every file must then hold the same set, as an extra column could be a feature.
+
+    Raises:
+        CropYieldError: naming the first file that lacks a wanted column (or, with ``same_as``,
+            holds one more).
+    """
+    for file in files:
+        names = read_columns(file)
+        check_columns(file, wanted, names)
+        extra = [c for c in names if c not in same_as] if same_as is not None else []
+        if extra:
+            raise CropYieldError(
+                f"{file}: has column(s) {extra} that {Path(files[0]).name} lacks, so which columns are features "
+                "is ambiguous; name them with feature_names (columns a file holds beyond them are then ignored)"
+            )
 
 
 def list_pieces(
