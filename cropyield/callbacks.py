@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from cropyield.errors import CropYieldWarning
+from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor, LeastSquaresRegressor
 from cropyield.reference import Moments, max_stable_lr, solve
@@ -220,7 +220,9 @@ class CSVPredictionWriter(BasePredictionWriter):
 
     Args:
         output_path: the CSV to write. Default: ``<trainer.default_root_dir>/predictions.csv``.
-            Under DDP each process writes its own file, suffixed ``.rank<N>``.
+            Under DDP each process writes its own file, suffixed ``.rank<N>``. Written to a
+            temporary file renamed at the end, so a failed run leaves no half-written file; never
+            the data file (or inside the data folder) being predicted.
     """
 
     def __init__(self, output_path: str | None = None) -> None:
@@ -234,9 +236,20 @@ class CSVPredictionWriter(BasePredictionWriter):
         path = Path(self.output_path or Path(trainer.default_root_dir) / "predictions.csv")
         if trainer.world_size > 1:
             path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
+        data = getattr(trainer.datamodule, "data_path", None)
+        if data is not None and (
+            os.path.realpath(path) == os.path.realpath(data)
+            or (path.exists() and os.path.samefile(path, data))
+            or (os.path.isdir(data) and os.path.realpath(path).startswith(os.path.realpath(data) + os.sep))
+        ):
+            raise CropYieldError(
+                f"--prediction_writer.output_path {path} would overwrite or join the data being predicted ({data}); "
+                "write the predictions elsewhere"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = open(path, "w", newline="", encoding="utf-8")  # closed in on_predict_end
+        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # closed in on_predict_end
         self._writer = csv.writer(self._file)
         self._writer.writerow([*pl_module.hparams.feature_names, *pl_module.hparams.target_names])
 
@@ -250,4 +263,12 @@ class CSVPredictionWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.close()
             self._file = None
+            os.replace(self._tmp, self.path)
             print(f"wrote predictions to {self.path}", flush=True)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._file is not None:  # a failed prediction: nothing written, an earlier file kept
+            self._file.close()
+            self._file = None
+            self._tmp.unlink(missing_ok=True)

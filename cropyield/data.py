@@ -44,6 +44,8 @@ TARGETS = torch.tensor(
 FEATURE_NAMES = ("temp", "rainfall", "humidity")
 TARGET_NAMES = ("apples", "oranges")
 
+TUTORIAL_UNITS = "tons per hectare"  # the tutorial's unit of yield; other data's is not known
+
 FAST_PATH_MIN_ROWS = 50_000
 MIN_ROWS = 2
 
@@ -204,6 +206,11 @@ class CropYieldDataModule(L.LightningDataModule):
     @property
     def num_targets(self) -> int:
         return len(self.target_names)
+
+    @property
+    def units(self) -> str | None:
+        """The targets' unit, where known: the tutorial's for its embedded rows, else None."""
+        return TUTORIAL_UNITS if self.data_path is None and self._memory is None else None
 
     @property
     def uses_fast_path(self) -> bool:

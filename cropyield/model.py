@@ -42,6 +42,7 @@ class BaseRegressor(L.LightningModule):
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
+        units: str | None = None,
         **hparams,
     ) -> None:
         super().__init__()
@@ -67,6 +68,7 @@ class BaseRegressor(L.LightningModule):
                 "feature_names": list(feature_names),
                 "target_names": list(target_names),
                 "standardize": bool(standardize),
+                "units": None if units is None else str(units),
             }
         )
         self.register_buffer("feature_mean", torch.zeros(in_features))
@@ -111,6 +113,9 @@ class BaseRegressor(L.LightningModule):
                 )
             self.feature_mean.copy_(dm.feature_mean)
             self.feature_std.copy_(dm.feature_std)
+        if stage == "fit" and self.hparams.units is None:
+            # Recorded in the checkpoint's hyper-parameters: what cropyield-predict prints after yields.
+            self.hparams.units = getattr(self.trainer.datamodule, "units", None)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -165,6 +170,9 @@ class CropYieldRegressor(BaseRegressor):
             data module's ``steps_per_call``) in a CUDA graph and replay it for every full chunk:
             the same kernels, launched at once. Per-step backward and optimizer hooks do not run.
             Ignored, with a warning, where it cannot apply (CPU, DDP, mixed precision, one batch a call).
+        units: the unit of the targets' values, recorded in checkpoints and printed by
+            ``cropyield-predict`` (e.g. ``hg/ha``). None takes the data module's when fitting: the
+            tutorial's "tons per hectare" for its embedded rows, none for other data.
     """
 
     def __init__(
@@ -176,6 +184,7 @@ class CropYieldRegressor(BaseRegressor):
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
         cuda_graph: bool = False,
+        units: str | None = None,
     ) -> None:
         super().__init__(
             in_features,
@@ -183,6 +192,7 @@ class CropYieldRegressor(BaseRegressor):
             feature_names,
             target_names,
             standardize,
+            units,
             lr=float(lr),
             cuda_graph=bool(cuda_graph),
         )
@@ -361,6 +371,7 @@ class ManualSGDRegressor(CropYieldRegressor):
         standardize: standardize inputs with the data module's feature statistics.
         cuda_graph: on one CUDA device, replay each chunk's steps as one CUDA graph (as for
             :class:`CropYieldRegressor`).
+        units: the unit of the targets' values (as for :class:`CropYieldRegressor`).
     """
 
     def __init__(
@@ -372,8 +383,9 @@ class ManualSGDRegressor(CropYieldRegressor):
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
         cuda_graph: bool = False,
+        units: str | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, lr, feature_names, target_names, standardize, cuda_graph)
+        super().__init__(in_features, out_features, lr, feature_names, target_names, standardize, cuda_graph, units)
         self.automatic_optimization = False
 
     @override
@@ -476,6 +488,7 @@ class LeastSquaresRegressor(BaseRegressor):
         target_names: names of the targets, used in metric names and predictions.
         standardize: fit on standardized inputs (the data module's feature statistics, stored in the
             checkpoint); with ``l2 > 0`` the penalty then applies to the standardized weights.
+        units: the unit of the targets' values (as for :class:`CropYieldRegressor`).
     """
 
     def __init__(
@@ -486,8 +499,9 @@ class LeastSquaresRegressor(BaseRegressor):
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
+        units: str | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, feature_names, target_names, standardize, l2=float(l2))
+        super().__init__(in_features, out_features, feature_names, target_names, standardize, units, l2=float(l2))
         if not l2 >= 0:
             raise CropYieldError(f"l2 must be zero or positive, got {l2}")
         self.automatic_optimization = False
