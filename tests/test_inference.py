@@ -230,7 +230,7 @@ def test_predict_command_out_keeps_every_input_column_as_the_input_wrote_it(tmp_
         for p in expected_predictions(tutorial_ckpt, [[75, 2685.6, 44], [80, 70, 50.1], [100, 0, 0.3]])
     ]
     assert (tmp_path / "out.csv").read_bytes() == (
-        bom + header + b",predicted_apples,oranges\r\n"
+        bom + header + b",predicted_apples,predicted_oranges\r\n"
         + records[0] + b"," + preds[0] + b"\r\n"
         + records[1] + b"," + preds[1] + b"\r\n"
         + records[2] + b"," + preds[2] + b"\n"
