@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
+import math
 import os
 import pickle
 import sys
@@ -163,6 +165,10 @@ class LinearPredictor(nn.Module):
         kwargs.setdefault("out_features", state["linear.weight"].shape[0])
         return cls(state, kwargs).eval()
 
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
             x = (x - self.feature_mean) / self.feature_std
@@ -198,12 +204,90 @@ def predict(model: nn.Module, rows) -> torch.Tensor:
     if x.ndim != 2 or x.shape[1] != expected:
         named = f" ({', '.join(features)})" if features else ""
         raise CropYieldError(f"expected {expected} values per row{named}, got rows of shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    # A finite sum is the cheap common case (a request's few rows); only a non-finite one needs the
+    # element-wise look, since large finite values can overflow the float32 sum.
+    if not math.isfinite(x.sum().item()) and not torch.isfinite(x).all():
         raise CropYieldError("inputs must be finite numbers (found NaN or infinity)")
-    device = next(iter(model.state_dict().values())).device
-    model.eval()
+    device = getattr(model, "device", None) or next(itertools.chain(model.parameters(), model.buffers())).device
+    if model.training:
+        model.eval()
     with torch.inference_mode():
         return model(x.to(device)).float().cpu()
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def rows_tensor(rows, feature_names: Sequence[str]) -> torch.Tensor:
+    """Validates rows decoded from JSON: lists in feature order, or objects keyed by feature name.
+
+    An object's keys other than the feature names are ignored, as ``cropyield-predict --csv``
+    ignores a file's other columns (ids, notes); a missing feature is an error.
+
+    Example:
+        >>> rows = [[75, 63, 44], {"humidity": 44, "temp": 75, "rainfall": 63, "id": 7}]
+        >>> rows_tensor(rows, ["temp", "rainfall", "humidity"])
+        tensor([[75., 63., 44.],
+                [75., 63., 44.]])
+
+    Returns:
+        A float32 tensor ``[rows, features]``.
+
+    Raises:
+        CropYieldError: naming the first bad row and feature (a missing key, a wrong count, a string,
+            ``true``/``false``, NaN, infinity or a number beyond float32's range).
+    """
+    names = list(feature_names)
+    if not isinstance(rows, list) or not rows:
+        raise CropYieldError('"rows" must be a non-empty list of rows')
+    if dict in set(map(type, rows)):
+        rows = [_in_order(i, row, names) if type(row) is dict else row for i, row in enumerate(rows)]
+    try:
+        x = torch.tensor(rows, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        x = None
+    # The fast path: one C conversion and a finite sum. torch reads true/false as 1/0 and names no
+    # row, so a body with either, or any value the conversion refuses, goes through the loop that
+    # finds it (which also clears large finite values whose float32 sum overflowed).
+    if (
+        x is not None
+        and x.shape == (len(rows), len(names))
+        and math.isfinite(x.sum().item())
+        and bool not in set(map(type, itertools.chain.from_iterable(rows)))
+    ):
+        return x
+    problem = _first_problem(rows, names)
+    if problem is not None:
+        raise problem
+    return x if x is not None else torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float32)
+
+
+def _in_order(i: int, row: dict, names: list[str]) -> list:
+    missing = [name for name in names if name not in row]
+    if missing:
+        raise CropYieldError(f"row {i}: missing {missing} (a row holds {names}; other keys are ignored)")
+    return [row[name] for name in names]
+
+
+def _first_problem(rows: list, names: list[str]) -> CropYieldError | None:
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(names):
+            return CropYieldError(f"row {i}: expected {len(names)} values ({', '.join(names)}), got {row!r:.60}")
+        for name, value in zip(names, row, strict=True):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return CropYieldError(f"row {i}, {name}: {value!r:.40} is not a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                return CropYieldError(f"row {i}, {name}: {value} is not a finite number")
+            if abs(value) > _FLOAT32_MAX:
+                shown = f"{value:.4g}" if abs(value) < 1e308 else f"a {len(str(abs(value)))}-digit number"
+                return CropYieldError(f"row {i}, {name}: {shown} is beyond float32's range (3.4e38)")
+    return None
+
+
+def records(preds: torch.Tensor, target_names: Sequence[str]) -> list[dict[str, float]]:
+    """Predictions as JSON-ready objects, one per row: ``[{"apples": ..., "oranges": ...}, ...]``."""
+    names = list(target_names)
+    return [dict(zip(names, row, strict=True)) for row in preds.tolist()]
 
 
 def _parse_values(values: Sequence[str], count: int) -> list[list[float]]:
@@ -276,7 +360,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.out:
         _write_csv(Path(args.out), model.feature_names + model.target_names, torch.cat([rows, preds], dim=1))
     if args.json:
-        print(json.dumps([dict(zip(model.target_names, p, strict=True)) for p in preds.tolist()]))
+        print(json.dumps(records(preds, model.target_names)))
     elif not args.out:
         for x, p in zip(rows.tolist(), preds.tolist(), strict=True):
             inputs = ", ".join(f"{n}={v:g}" for n, v in zip(model.feature_names, x, strict=True))
