@@ -201,7 +201,8 @@ def server(checkpoint, tmp_path_factory):
 def test_answers_equal_the_model_and_the_predict_command_and_start_is_quiet(server, checkpoint):
     rows = [[75, 63, 44], [80, 70, 50], [-3.5, 1e3, 0]]
     want = expected(checkpoint, rows)
-    printed = run("cropyield-predict", "--ckpt", checkpoint, *sum(rows, []), "--json", cwd=checkpoint.parent)
+    values = [v for row in rows for v in row]
+    printed = run("cropyield-predict", "--ckpt", checkpoint, *values, "--json", cwd=checkpoint.parent)
     assert json.loads(printed.stdout) == want
     assert server.post({"rows": rows}) == (200, {"predictions": want})
     named = [dict(zip(NAMES, row, strict=True)) for row in rows]
