@@ -176,8 +176,7 @@ class LinearPredictor(nn.Module):
 
 
 def _names(model: nn.Module, kind: str) -> list[str]:
-    hparams = getattr(model, "hparams", None)
-    names = getattr(model, f"{kind}_names", None) or (hparams or {}).get(f"{kind}_names")
+    names = getattr(model, f"{kind}_names", None) or (getattr(model, "hparams", None) or {}).get(f"{kind}_names")
     return list(names) if names else []
 
 
@@ -211,11 +210,14 @@ def predict(model: nn.Module, rows) -> torch.Tensor:
     device = getattr(model, "device", None) or next(itertools.chain(model.parameters(), model.buffers())).device
     if model.training:
         model.eval()
-    with torch.inference_mode():
-        return model(x.to(device)).float().cpu()
+    with torch.inference_mode():  # the conversions are skipped where they would do nothing
+        preds = model(x if x.device == device else x.to(device))
+    preds = preds if preds.dtype == torch.float32 else preds.float()
+    return preds if preds.device.type == "cpu" else preds.cpu()
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FEW_ROWS = 16
 
 
 def rows_tensor(rows, feature_names: Sequence[str]) -> torch.Tensor:
@@ -242,13 +244,19 @@ def rows_tensor(rows, feature_names: Sequence[str]) -> torch.Tensor:
         raise CropYieldError('"rows" must be a non-empty list of rows')
     if dict in set(map(type, rows)):
         rows = [_in_order(i, row, names) if type(row) is dict else row for i, row in enumerate(rows)]
+    if len(rows) <= _FEW_ROWS and all(type(row) is list and len(row) == len(names) for row in rows):
+        # A few rows (most requests): checked value by value in Python, cheaper than torch ops;
+        # the comparison is False for NaN, infinity, beyond float32, and true/false are refused.
+        values = list(itertools.chain.from_iterable(rows))
+        if all(type(v) in (int, float) and -_FLOAT32_MAX <= v <= _FLOAT32_MAX for v in values):
+            return torch.tensor(rows, dtype=torch.float32)
     try:
         x = torch.tensor(rows, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError, OverflowError):
         x = None
-    # The fast path: one C conversion and a finite sum. torch reads true/false as 1/0 and names no
-    # row, so a body with either, or any value the conversion refuses, goes through the loop that
-    # finds it (which also clears large finite values whose float32 sum overflowed).
+    # Many rows: one C conversion and a finite sum. torch reads true/false as 1/0 and names no row,
+    # so a body with either, or any value the conversion refuses, goes through the loop that finds
+    # it (which also clears large finite values whose float32 sum overflowed).
     if (
         x is not None
         and x.shape == (len(rows), len(names))

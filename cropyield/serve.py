@@ -24,8 +24,10 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
 
 from cropyield.errors import CropYieldError
 from cropyield.inference import LinearPredictor, predict, records, rows_tensor
@@ -58,11 +60,17 @@ class BadRequest(CropYieldError):
         self.status = status
 
 
-def decode(body: bytes, content_type: str | None, feature_names: Sequence[str], max_rows: int = MAX_ROWS):
+# Keys a body may hold besides "rows", each with the check of its value: keyword arguments of
+# cropyield.inference.predict (a prediction interval's level, say), passed on as they are.
+_OPTIONS: dict[str, Callable[[object], object]] = {}
+
+
+def decode(body: bytes, content_type: str | None, model: LinearPredictor, max_rows: int = MAX_ROWS):
     """Validates a request: a JSON object ``{"rows": [...]}`` sent as ``application/json``.
 
     Returns:
-        The rows as a float32 tensor ``[rows, features]`` (see :func:`cropyield.inference.rows_tensor`).
+        The model's inputs, a float32 tensor ``[rows, features]`` (:func:`model_inputs`), and the
+        keyword arguments the body gives :func:`cropyield.inference.predict`.
 
     Raises:
         BadRequest: 415 for another Content-Type (``curl -d`` sends a form), 413 for more than
@@ -81,16 +89,27 @@ def decode(body: bytes, content_type: str | None, feature_names: Sequence[str], 
         raise BadRequest(f"the body is not valid JSON ({err})") from None
     if not isinstance(request, dict) or "rows" not in request:
         raise BadRequest('the body must be a JSON object with "rows": a list of rows')
-    unknown = sorted(set(request) - {"rows"})
-    if unknown:
-        raise BadRequest(f'unknown key(s) {unknown} in the body; it holds "rows"')
+    if len(request) > 1:
+        unknown = sorted(set(request) - {"rows", *_OPTIONS})
+        if unknown:  # a misspelt option must not pass unnoticed
+            raise BadRequest(f"unknown key(s) {unknown} in the body; it holds {['rows', *_OPTIONS]}")
     rows = request["rows"]
     if isinstance(rows, list) and len(rows) > max_rows:
         raise BadRequest(f"{len(rows)} rows are more than the {max_rows} a request may hold; split the request", 413)
     try:
-        return rows_tensor(rows, feature_names)
+        options = {key: check(request[key]) for key, check in _OPTIONS.items() if key in request}
+        return model_inputs(model, rows), options
     except CropYieldError as err:
         raise BadRequest(str(err)) from None
+
+
+def model_inputs(model: LinearPredictor, rows) -> torch.Tensor:
+    """A request's rows as the model's inputs: the one place that turns JSON rows into a tensor.
+
+    Raises:
+        CropYieldError: naming the first bad row and feature (:func:`cropyield.inference.rows_tensor`).
+    """
+    return rows_tensor(rows, model.feature_names)
 
 
 def encode(preds, target_names: Sequence[str]) -> bytes:
@@ -110,8 +129,8 @@ def create_app(model: LinearPredictor, max_rows: int = MAX_ROWS):
     if fastapi is None:
         raise CropYieldError("serving needs fastapi and uvicorn; install them with: pip install 'cropyield[serve]'")
     app = fastapi.FastAPI(title="cropyield", summary="Crop yields predicted from a cropyield checkpoint")
-    features, targets = model.feature_names, model.target_names
-    max_bytes = 65_536 + max_rows * len(features) * _BYTES_PER_VALUE
+    targets = model.target_names
+    max_bytes = 65_536 + max_rows * len(model.feature_names) * _BYTES_PER_VALUE
 
     @app.get("/health")
     async def health() -> dict:
@@ -122,7 +141,8 @@ def create_app(model: LinearPredictor, max_rows: int = MAX_ROWS):
     thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cropyield-predict")
 
     def answer(body: bytes, content_type: str | None) -> bytes:
-        return encode(predict(model, decode(body, content_type, features, max_rows)), targets)
+        x, options = decode(body, content_type, model, max_rows)
+        return encode(predict(model, x, **options), targets)
 
     # Plain JSON in and pre-encoded JSON out, no pydantic model: its errors are lists of objects,
     # not one line, and validating and re-encoding every value would cost more than the prediction.

@@ -8,8 +8,9 @@ Every server runs at once on 127.0.0.1 (an idle one costs nothing): ``cropyield-
 2 worker processes, and the minimal endpoint below with 1 and 2. 8 client threads with keep-alive
 connections send requests to one server at a time, single-row bodies, then 1,000-row bodies; the
 servers take turns in several short rounds, so a load that comes and goes on a shared machine falls
-on all of them alike. Prints requests/s and p50/p99 latency in Markdown, and each cropyield-serve
-figure as a ratio of the minimal endpoint with as many workers.
+on all of them alike. Prints requests/s and p50/p99 latency in Markdown, each cropyield-serve
+figure as a ratio of the minimal endpoint with as many workers, and the CPU time the server's
+processes spent per request (from /proc: what the load of other programs changes least).
 
 The minimal endpoint is what FastAPI's tutorial would write: ``await request.json()``, a tensor,
 the model, a dict returned for FastAPI to encode. It checks nothing that torch does not.
@@ -73,6 +74,20 @@ def wait_healthy(port: int, process: subprocess.Popen, log: Path, seconds: float
     raise RuntimeError(f"the server on port {port} did not become healthy; its log: {log}")
 
 
+def cpu_seconds(pgid: int) -> float:
+    """CPU time used so far by the live processes of a server's process group (Linux /proc)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def load(port: int, body: bytes, threads: int, seconds: float) -> tuple[list[float], float, int]:
     """Latencies of every request, the wall time and the count of non-200 answers."""
     latencies, errors = [], []
@@ -103,9 +118,10 @@ def load(port: int, body: bytes, threads: int, seconds: float) -> tuple[list[flo
     return latencies, time.perf_counter() - begin, sum(errors)
 
 
-def figures(latencies: list[float], wall: float, errors: int) -> dict:
+def figures(latencies: list[float], wall: float, errors: int, cpu: float) -> dict:
     latencies = sorted(latencies)
     return {
+        "cpu": 1e3 * cpu / len(latencies),
         "rps": len(latencies) / wall,
         "p50": 1e3 * latencies[len(latencies) // 2],
         "p99": 1e3 * latencies[int(len(latencies) * 0.99)],
@@ -116,8 +132,8 @@ def figures(latencies: list[float], wall: float, errors: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint to serve")
-    parser.add_argument("--seconds", type=float, default=2.0, help="load time per server and round (default: 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of turns per request size (default: 3)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="load time per server and round (default: 1)")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of turns per request size (default: 8)")
     parser.add_argument("--threads", type=int, default=8, help="client threads (default: 8)")
     parser.add_argument(
         "--also",
@@ -159,22 +175,25 @@ def main() -> None:
             f"{os.cpu_count()} CPU cores shared with the clients, {args.threads} client threads, "
             f"{args.rounds} rounds of {args.seconds:g} s per server and request size, servers in turn\n"
         )
-        print("| server | request | requests/s | p50 ms | p99 ms | non-200 | requests/s vs minimal |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("| server | request | requests/s | p50 ms | p99 ms | non-200 | vs minimal | server CPU ms/request |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for kind, body in bodies.items():
             for name in servers:
                 load(ports[name], body, args.threads, 0.5)  # warm-up: connections, caches, JIT-free paths
-            results = {name: ([], 0.0, 0) for name in servers}
-            for _ in range(args.rounds):
-                for name in servers:
+            results = {name: ([], 0.0, 0, 0.0) for name in servers}
+            for turn in range(args.rounds):
+                order = list(zip(servers, processes, strict=True))
+                for name, process in order if turn % 2 == 0 else order[::-1]:  # no server always first
+                    cpu = cpu_seconds(process.pid)
                     latencies, wall, errors = load(ports[name], body, args.threads, args.seconds)
+                    cpu = cpu_seconds(process.pid) - cpu
                     kept = results[name]
-                    results[name] = (kept[0] + latencies, kept[1] + wall, kept[2] + errors)
+                    results[name] = (kept[0] + latencies, kept[1] + wall, kept[2] + errors, kept[3] + cpu)
             measured = {name: figures(*result) for name, result in results.items()}
             for name, (_, baseline) in servers.items():
                 r = measured[name]
                 ratio = f"{r['rps'] / measured[baseline]['rps']:.2f}x" if baseline else ""
-                row = f"{r['rps']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} | {ratio}"
+                row = f"{r['rps']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} | {ratio} | {r['cpu']:.2f}"
                 print(f"| {name} | {kind} | {row} |", flush=True)
     finally:
         for process in processes:

@@ -18,6 +18,7 @@ import torch
 from cropyield import CropYieldDataModule, LeastSquaresRegressor, load_regressor
 from cropyield.data import FEATURE_NAMES, TARGET_NAMES
 from cropyield.errors import CropYieldError
+from cropyield.inference import LinearPredictor
 from cropyield.serve import BadRequest, decode, encode
 
 from .conftest import BIN, assert_one_line_error, run, write_csv
@@ -28,6 +29,10 @@ pytest.importorskip("uvicorn")
 
 NAMES = ["temp", "rainfall", "humidity"]
 JSON = "application/json"
+MODEL = LinearPredictor(
+    {"linear.weight": torch.ones(2, 3), "linear.bias": torch.zeros(2)},
+    {"feature_names": NAMES, "target_names": TARGET_NAMES, "in_features": 3, "out_features": 2},
+)
 
 
 def body(rows, **extra) -> bytes:
@@ -36,10 +41,10 @@ def body(rows, **extra) -> bytes:
 
 def test_decode_accepts_lists_and_named_rows_ignoring_extra_keys():
     named = {"humidity": 44, "region": "north", "temp": 75, "rainfall": 63, "notes": None}
-    rows = decode(body([[75, 63, 44.5], named, [1e38, 0, -2]]), JSON, NAMES)
-    assert torch.equal(rows, torch.tensor([[75, 63, 44.5], [75, 63, 44], [1e38, 0, -2]]))
+    rows, options = decode(body([[75, 63, 44.5], named, [1e38, 0, -2]]), JSON, MODEL)
+    assert torch.equal(rows, torch.tensor([[75, 63, 44.5], [75, 63, 44], [1e38, 0, -2]])) and options == {}
     for content_type in (None, "application/json; charset=utf-8", "application/vnd.api+json"):
-        assert torch.equal(decode(body([[1, 2, 3]]), content_type, NAMES), torch.tensor([[1.0, 2, 3]]))
+        assert torch.equal(decode(body([[1, 2, 3]]), content_type, MODEL)[0], torch.tensor([[1.0, 2, 3]]))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +56,7 @@ def test_decode_accepts_lists_and_named_rows_ignoring_extra_keys():
         (b"\xff\xfe", JSON, 400, "not valid JSON"),
         (b"[1, 2]", JSON, 400, '"rows"'),
         (b'{"x": 1}', JSON, 400, '"rows"'),
-        (body([[1, 2, 3]], interval=0.9), JSON, 400, "unknown key(s) ['interval']"),
+        (body([[1, 2, 3]], intervals=0.9), JSON, 400, "unknown key(s) ['intervals']"),
         (body([]), JSON, 400, "non-empty"),
         (body({"temp": 1}), JSON, 400, "non-empty list"),
         (body([[1, 2]]), JSON, 400, "row 0: expected 3 values"),
@@ -69,7 +74,7 @@ def test_decode_accepts_lists_and_named_rows_ignoring_extra_keys():
 )
 def test_decode_names_the_problem(raw, content_type, status, fragment):
     with pytest.raises(BadRequest) as caught:
-        decode(raw, content_type, NAMES, max_rows=10)
+        decode(raw, content_type, MODEL, max_rows=10)
     assert caught.value.status == status and isinstance(caught.value, CropYieldError)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
 
