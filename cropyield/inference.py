@@ -203,9 +203,11 @@ def predict(model: nn.Module, rows) -> torch.Tensor:
     if x.ndim != 2 or x.shape[1] != expected:
         named = f" ({', '.join(features)})" if features else ""
         raise CropYieldError(f"expected {expected} values per row{named}, got rows of shape {tuple(x.shape)}")
-    # A finite sum is the cheap common case (a request's few rows); only a non-finite one needs the
-    # element-wise look, since large finite values can overflow the float32 sum.
-    if not math.isfinite(x.sum().item()) and not torch.isfinite(x).all():
+    # A finite sum is the cheap common case; only a non-finite one needs the element-wise look, as
+    # large finite values can overflow a float32 sum. A request's few values are summed in Python:
+    # a torch reduction costs as much as the prediction itself.
+    total = sum(itertools.chain.from_iterable(x.tolist())) if x.numel() <= 64 else x.sum().item()
+    if not math.isfinite(total) and not torch.isfinite(x).all():
         raise CropYieldError("inputs must be finite numbers (found NaN or infinity)")
     device = getattr(model, "device", None) or next(itertools.chain(model.parameters(), model.buffers())).device
     if model.training:
