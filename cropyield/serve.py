@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cropyield.errors import CropYieldError
-from cropyield.inference import LinearPredictor, predict, records, rows_tensor
+from cropyield.inference import LinearPredictor, prediction_table, records, rows_tensor
 
 try:
     import fastapi
@@ -60,9 +60,21 @@ class BadRequest(CropYieldError):
         self.status = status
 
 
+def _level(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CropYieldError(f'"interval" must be a level such as 0.95, got {value!r:.40}')
+    return float(value)
+
+
+def _kind(value) -> str:
+    if value not in ("prediction", "mean"):
+        raise CropYieldError(f'"kind" must be "prediction" or "mean", got {value!r:.40}')
+    return value
+
+
 # Keys a body may hold besides "rows", each with the check of its value: keyword arguments of
-# cropyield.inference.predict (a prediction interval's level, say), passed on as they are.
-_OPTIONS: dict[str, Callable[[object], object]] = {}
+# cropyield.inference.prediction_table, as cropyield-predict's --interval and --kind give them.
+_OPTIONS: dict[str, Callable[[object], object]] = {"interval": _level, "kind": _kind}
 
 
 def decode(body: bytes, content_type: str | None, model: LinearPredictor, max_rows: int = MAX_ROWS):
@@ -129,7 +141,6 @@ def create_app(model: LinearPredictor, max_rows: int = MAX_ROWS):
     if fastapi is None:
         raise CropYieldError("serving needs fastapi and uvicorn; install them with: pip install 'cropyield[serve]'")
     app = fastapi.FastAPI(title="cropyield", summary="Crop yields predicted from a cropyield checkpoint")
-    targets = model.target_names
     max_bytes = 65_536 + max_rows * len(model.feature_names) * _BYTES_PER_VALUE
 
     @app.get("/health")
@@ -142,7 +153,10 @@ def create_app(model: LinearPredictor, max_rows: int = MAX_ROWS):
 
     def answer(body: bytes, content_type: str | None) -> bytes:
         x, options = decode(body, content_type, model, max_rows)
-        return encode(predict(model, x, **options), targets)
+        try:
+            return encode(*prediction_table(model, x, **options))
+        except CropYieldError as err:  # an interval the model cannot give, a level out of (0, 1)
+            raise BadRequest(str(err)) from None
 
     # Plain JSON in and pre-encoded JSON out, no pydantic model: its errors are lists of objects,
     # not one line, and validating and re-encoding every value would cost more than the prediction.

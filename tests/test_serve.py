@@ -247,6 +247,24 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_default_row_limit_holds(se
     assert server.post({"rows": rows}) == (200, {"predictions": expected(checkpoint, rows)})
 
 
+def test_an_interval_in_the_body_answers_as_predict_interval_does(server, checkpoint):
+    rows = [[75, 63, 44], [91, 88, 64]]
+    values = [v for row in rows for v in row]
+    for kind in ("prediction", "mean"):
+        printed = run("cropyield-predict", "--ckpt", checkpoint, *values, "--interval", "0.9", "--kind", kind, "--json",
+                      cwd=checkpoint.parent)  # fmt: skip
+        want = json.loads(printed.stdout)
+        assert server.post({"rows": rows, "interval": 0.9, "kind": kind}) == (200, {"predictions": want})
+        for answer, plain in zip(want, expected(checkpoint, rows), strict=True):
+            for name in TARGET_NAMES:
+                assert answer[f"{name}_lower"] < answer[name] < answer[f"{name}_upper"]
+                assert answer[name] == pytest.approx(plain[name], rel=1e-6)
+    for options, fragment in [({"interval": 1.5}, "(0, 1)"), ({"interval": "95%"}, '"interval" must be a level'),
+                              ({"interval": 0.9, "kind": "median"}, '"kind" must be')]:  # fmt: skip
+        status, answer = server.post({"rows": rows, **options})
+        assert status == 400 and fragment in answer["detail"] and "\n" not in answer["detail"], answer
+
+
 @pytest.mark.slow
 def test_a_mix_of_good_and_bad_requests_from_several_threads(server, checkpoint):
     """8 threads, 40 requests each, half of them bad: every good answer right, every bad one a 4xx."""
