@@ -44,7 +44,8 @@ class ProgressReport(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "lr" not in pl_module.hparams or not trainer.is_global_zero:
+        # Every rank takes the same branch: a streamed statistics pass gathers across processes.
+        if "lr" not in pl_module.hparams:
             return
         dm = trainer.datamodule
         if not getattr(dm, "statistics_in_hand", True):
@@ -76,11 +77,10 @@ class ProgressReport(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Computed on every rank (a streamed pass gathers the ranks' shares), printed on rank 0.
         moments = pl_module.moments if isinstance(pl_module, LeastSquaresRegressor) else None
         moments = moments or _statistics(trainer, pl_module)
-        if moments is None:
+        if moments is None or not trainer.is_global_zero:
             return
         p = pl_module.hparams.in_features
         weight, bias = pl_module.linear.weight.detach(), pl_module.linear.bias.detach()
