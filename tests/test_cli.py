@@ -388,12 +388,35 @@ def test_fit_on_bad_data_is_one_line_exit_2_and_touches_no_checkpoint(tmp_path, 
         (["--model.lr", "-1"], "lr must be positive, got -1.0"),
         (["--data.batch_size", "0"], "batch_size must be at least 1, got 0"),
         (["--data.val_fraction", "2"], "val_fraction must be in [0, 1), got 2.0"),
+        (["--data.batch_size", "zero"], "--data.batch_size: invalid value 'zero' (expected an integer)"),
+        (["--trainer.max_epochs", "-3"], "--trainer.max_epochs: `max_epochs` must be a non-negative integer"),
+        (["--trainer.devices", "0"], "--trainer.devices: "),
+        (["--model", "Nope"], "--model: invalid value 'Nope'"),
     ],
 )
 def test_fit_with_bad_arguments_is_one_line_exit_2(tmp_path, args, fragment):
     result = run("cropyield", "fit", *args, cwd=tmp_path, check_rc=None)
     assert_one_line_error(result, "cropyield: error:", fragment)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bare_column_names_are_one_item_lists(argv, tmp_path):
+    args = [
+        "--data.target_names",
+        "apples",
+        "--data.feature_names=temp,rainfall",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    cli = cli_main(args, run=False)
+    assert cli.datamodule.target_names == ("apples",) and cli.datamodule.feature_names == ("temp", "rainfall")
+    assert cli.model.linear.weight.shape == (1, 2) and cli.model.hparams.target_names == ["apples"]
+
+
+def test_a_checkpoint_whose_weights_contradict_its_sizes_is_one_line_for_every_route(bad_checkpoints):
+    for command in ("fit", "predict", "test"):
+        result = run("cropyield", command, "--ckpt_path", "shape.ckpt", cwd=bad_checkpoints, check_rc=None)
+        assert_one_line_error(result, "shape.ckpt: linear.weight has shape (2, 5), but its hyper-parameters say (2, 3)")
+    assert not (bad_checkpoints / "lightning_logs").exists() and not (bad_checkpoints / "predictions.csv").exists()
 
 
 @pytest.fixture(scope="module")
