@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from cropyield.errors import CropYieldWarning
@@ -148,14 +151,71 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_interruption: dict[str, Any] = {}  # the signal that stopped the last fit, and what was saved
+
+
+def interruption() -> dict[str, Any]:
+    """The signal that stopped the last fit in this process (``signum``, ``path`` saved, ``step``), or {}."""
+    return dict(_interruption)
+
+
 class CropYieldCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` always ends up holding the fit's final weights.
+    """``ModelCheckpoint`` whose ``last.ckpt`` always ends up holding the fit's final weights, and
+    the weights of the step reached when a signal stops the fit.
 
     Lightning's writes ``last.ckpt`` at its save points only (every N steps, epochs) and once more at
     the end only when it never wrote one: a 2,400-step run saved every 7 steps keeps step 2,394's.
     Here the end of training writes ``last.ckpt`` again whenever steps were taken since the last save,
     and ``every_n_train_steps`` writes it from the first step on, before any validation.
+
+    SIGTERM (Lightning's handler sets ``trainer.received_sigterm``) and SIGINT (handled here the same
+    way, instead of a ``KeyboardInterrupt`` in the middle of a step) let the step under way finish;
+    ``last.ckpt`` is then written as a step checkpoint would be, resumable with ``--ckpt_path last``,
+    and the fit stops with :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException`
+    (``cropyield`` then exits with 128 + the signal's number); a training loader that cannot save its
+    position (a plain ``DataLoader``) stops at the end of its epoch instead. Under DDP the ranks agree on stopping
+    at the same step (one small all-reduce per ``training_step`` call). A second signal while the
+    checkpoint is written changes nothing: the write is atomic and not interrupted.
     """
+
+    _signum: int | None = None
+    _previous_sigint = None
+    _stop_at_epoch_end = False
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._signum, self._stop_at_epoch_end = None, False
+        _interruption.clear()
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            connector = trainer._signal_connector
+
+            def on_sigint(signum, frame) -> None:
+                self._signum = self._signum or signum
+                connector.received_sigterm = True  # Lightning's loops then stop as on SIGTERM
+
+            self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+        super().teardown(trainer, pl_module, stage)
+
+    def _stop_asked(self, trainer: L.Trainer) -> bool:
+        asked = bool(trainer.received_sigterm)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([int(asked)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
+
+    def _save_on_signal(self, trainer: L.Trainer) -> None:
+        signum = self._signum or signal.SIGTERM
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        _interruption.update(signum=int(signum), path=self.last_model_path, step=trainer.global_step)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -171,6 +231,34 @@ class CropYieldCheckpoint(ModelCheckpoint):
             and not self._should_skip_saving_checkpoint(trainer)
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # Here, where a step checkpoint is written, so that the interrupted run resumes as from one.
+        if self._stop_asked(trainer):
+            if hasattr(trainer.train_dataloader, "state_dict"):
+                self._save_on_signal(trainer)
+                raise SIGTERMException
+            # A plain DataLoader resumes only from an epoch's end (its position is not saved): the
+            # epoch is finished first (the tutorial's take milliseconds), then Lightning stops.
+            trainer._signal_connector.received_sigterm = False
+            self._stop_at_epoch_end = True
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._stop_at_epoch_end:
+            trainer._signal_connector.received_sigterm = True  # the next epoch's start raises SIGTERMException
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A signal met outside a training step (validation, between epochs): the state there is an
+        # epoch boundary's or a validation's, which Lightning resumes from too.
+        if isinstance(exception, KeyboardInterrupt):
+            self._signum = self._signum or signal.SIGINT
+        elif not isinstance(exception, SIGTERMException) or _interruption:
+            return
+        if trainer.state.fn == "fit" and trainer.global_step > 0:
+            self._save_on_signal(trainer)
+        else:
+            _interruption.update(signum=int(self._signum or signal.SIGTERM), path=None, step=trainer.global_step)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,13 @@ from cropyield.arguments import (
     saved_model,
     shipped_config,
 )
-from cropyield.callbacks import AtomicCheckpointIO, CropYieldCheckpoint, CSVPredictionWriter, ProgressReport
+from cropyield.callbacks import (
+    AtomicCheckpointIO,
+    CropYieldCheckpoint,
+    CSVPredictionWriter,
+    ProgressReport,
+    interruption,
+)
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
 from cropyield.inference import _spec, read_checkpoint
@@ -206,6 +213,14 @@ def main() -> None:
     one_line_warnings("cropyield")
     try:
         cli_main()
+    except SystemExit:  # Lightning's SIGTERMException, or its exit(1) after a KeyboardInterrupt
+        stopped = interruption()
+        if not stopped:
+            raise
+        name = signal.Signals(stopped["signum"]).name
+        saved = f"saved {stopped['path']} at step {stopped['step']}" if stopped["path"] else "nothing to save yet"
+        print(f"cropyield: stopped by {name}: {saved}; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + stopped["signum"])
     except argparse.ArgumentError as err:  # jsonargparse's, for a value of the wrong type or an unknown flag
         _fail(one_line(str(err)))
     except Exception as err:
