@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from cropyield.errors import CropYieldWarning
+from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor, LeastSquaresRegressor
 from cropyield.reference import Moments, max_stable_lr, solve
@@ -187,6 +187,8 @@ class CropYieldCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         self._signum, self._stop_at_epoch_end = None, False
         _interruption.clear()
+        version = getattr(trainer.logger, "version", None)
+        self._run_name = f"version_{version}" if isinstance(version, int) else (version or None)
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             connector = trainer._signal_connector
 
@@ -202,6 +204,48 @@ class CropYieldCheckpoint(ModelCheckpoint):
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
         super().teardown(trainer, pl_module, stage)
+
+    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
+
+    @override
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self.keep_earlier:
+            self.keep_earlier = False
+            kept = self.keep_earlier_run() if trainer.is_global_zero else None
+            if kept:
+                print(f"cropyield: {kept}", flush=True)
+        super()._save_checkpoint(trainer, filepath)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The run's log version, so that a later run can keep this run's files under its name.
+        return {**super().state_dict(), "run_name": getattr(self, "_run_name", None)}
+
+    def keep_earlier_run(self) -> str | None:
+        """Moves the checkpoints of an earlier run that this fit would replace (``last.ckpt``, the
+        best and step checkpoints) into ``<dirpath>/<that run's log version>/``; returns a line
+        saying where, or None when there were none. Called on rank 0 before a fresh fit's first write."""
+        if not self.dirpath or "://" in str(self.dirpath) or not os.path.isdir(self.dirpath):
+            return None
+        folder = Path(self.dirpath)
+        prefix = (self.filename or "epoch=").split("{", 1)[0]
+        ours = sorted(
+            p
+            for p in folder.glob("*.ckpt")
+            if p.is_file() and (p.name.startswith(self.CHECKPOINT_NAME_LAST) or p.name.startswith(prefix))
+        )
+        if not ours:
+            return None
+        name = _run_name(folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", ours)
+        target = folder / name
+        for i in range(1, 1000):
+            if not target.exists():
+                break
+            target = folder / f"{name}-{i}"
+        target.mkdir()
+        for path in ours:
+            os.replace(path, target / path.name)
+        return f"the earlier run's checkpoints ({', '.join(p.name for p in ours)}) are kept in {target}/"
 
     def _stop_asked(self, trainer: L.Trainer) -> bool:
         asked = bool(trainer.received_sigterm)
@@ -265,6 +309,20 @@ class CropYieldCheckpoint(ModelCheckpoint):
         if self.save_last and self._last_checkpoint_saved and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+def _run_name(last: Path, files: list[Path]) -> str:
+    """The log version recorded in an earlier run's ``last.ckpt``, else its files' time."""
+    try:
+        states = read_checkpoint(last).get("callbacks", {}) if last.is_file() else {}
+    except CropYieldError:
+        states = {}
+    for state in states.values() if isinstance(states, dict) else []:
+        name = state.get("run_name") if isinstance(state, dict) else None
+        if isinstance(name, str) and name and os.sep not in name and not name.startswith("."):
+            return name
+    newest = max(p.stat().st_mtime for p in files)
+    return time.strftime("run-%Y%m%d-%H%M%S", time.localtime(newest))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

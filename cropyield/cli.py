@@ -162,6 +162,12 @@ class CropYieldCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             if callback.dirpath is None:
                 callback.dirpath = os.path.join(root, "checkpoints")
+        # A fresh fit replaces last.ckpt and same-named best checkpoints: an earlier run's are kept
+        # (moved aside before this run's first write, so a run that fails first changes nothing).
+        if self.subcommand == "fit" and not self.config.fit.get("ckpt_path"):
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, CropYieldCheckpoint):
+                    callback.keep_earlier = True
         return trainer
 
 

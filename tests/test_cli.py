@@ -1,8 +1,10 @@
 """The console commands, driven in subprocesses as a user would (and in-process for --help)."""
 
+import csv
 import inspect
 import json
 import re
+import shutil
 import sys
 
 import pytest
@@ -137,12 +139,72 @@ def test_lightningcli_predict_writes_a_csv(trained, tmp_path):
     assert torch.equal(got[:, 3:], expected)
 
 
-def test_running_again_in_the_same_folder_works(trained):
+def own_copy(trained, tmp_path):
+    """The trained folder copied, for a test that writes in it (the fixture stays as the run left it)."""
+    shutil.copytree(trained[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_running_again_keeps_the_earlier_runs_checkpoints_and_starts_a_new_log_version(trained, tmp_path):
+    folder = own_copy(trained, tmp_path)
+    before = {p.name: p.read_bytes() for p in (folder / "checkpoints").glob("*.ckpt")}
+    result = run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=folder)
+    kept = folder / "checkpoints" / "version_0"
+    assert f"cropyield: the earlier run's checkpoints (best-epoch099.ckpt, last.ckpt) are kept in {kept}/" in (
+        result.stdout.splitlines()
+    )
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the newest run's
+    assert sorted(p.name for p in (folder / "checkpoints").glob("*.ckpt")) == ["best-epoch001.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (folder / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert (folder / "lightning_logs" / "version_0" / "metrics.csv").read_bytes() == (
+        trained[0] / "lightning_logs" / "version_0" / "metrics.csv"
+    ).read_bytes()
+
+
+def test_resuming_keeps_its_own_checkpoints_in_place(tmp_path):
+    run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=tmp_path)
+    result = run("cropyield", "fit", "--trainer.max_epochs", "3", "--ckpt_path", "last", cwd=tmp_path)
+    assert "kept in" not in result.stdout and not [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]
+
+
+def logged(folder, key: str) -> dict[int, float]:
+    """A metric of the run's CSV log, by epoch."""
+    with open(folder / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
+        return {int(row["epoch"]): float(row[key]) for row in csv.DictReader(f) if row[key]}
+
+
+def test_the_logged_epoch_loss_is_the_tutorial_loops(trained):
+    torch.manual_seed(42)
+    reference = nn.Linear(3, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(INPUTS, TARGETS), 5, shuffle=True)
+    opt = torch.optim.SGD(reference.parameters(), lr=1e-5)
+    expected = []
+    for _ in range(100):
+        total = 0.0
+        for xb, yb in loader:
+            loss = torch.nn.functional.mse_loss(reference(xb), yb)
+            total += loss.item() * len(xb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        expected.append(total / len(INPUTS))
+    got = logged(trained[0], "train/loss")
+    assert sorted(got) == list(range(100))
+    assert [got[e] for e in range(100)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_best_checkpoint_is_the_epoch_of_the_lowest_val_mse(trained):
     folder, _ = trained
-    before = (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=folder)
-    assert (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns > before
-    assert not list((folder / "checkpoints").glob("last-v*.ckpt"))
+    val = logged(folder, "val/mse")
+    best = min(val, key=val.get)
+    (path,) = (folder / "checkpoints").glob("best-epoch*.ckpt")
+    assert path.name == f"best-epoch{best:03d}.ckpt"
+    assert torch.load(path, weights_only=True)["epoch"] == best
+    model = load_regressor(path)
+    with torch.no_grad():
+        mse = float(((model(INPUTS).double() - TARGETS.double()) ** 2).mean())
+    assert mse == pytest.approx(val[best], rel=1e-5)  # the value logged is the checkpoint's own
 
 
 def test_manual_variant_through_its_config_equals_the_hand_written_loop(tmp_path):
@@ -300,15 +362,22 @@ def test_help_documents_every_argument(argv, capsys):
             assert f"--model.{name}" in text and documented(cls, name) in text, name
 
 
-def test_print_config_round_trip(argv, tmp_path, capsys):
+def test_print_config_then_config_reproduces_the_runs_weights(argv, tmp_path, capsys):
+    flags = ["--model.lr", "2e-05", "--data.batch_size", "3", "--trainer.max_epochs", "4"]
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--model.lr", "2e-05", "--data.batch_size", "3", "--print_config"])
+        cli_main(["fit", *flags, "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["init_args"]["lr"] == 2e-05 and config["data"]["batch_size"] == 3
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run("cropyield", "fit", "--config", "config.yaml", "--trainer.max_epochs", "1", cwd=tmp_path)
-    assert load_regressor(tmp_path / "checkpoints" / "last.ckpt").hparams.lr == 2e-05
-    saved = yaml.safe_load(next((tmp_path / "lightning_logs").glob("version_*/config.yaml")).read_text())
+    (tmp_path / "flags").mkdir()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    run("cropyield", "fit", *flags, cwd=tmp_path / "flags")
+    run("cropyield", "fit", "--config", "config.yaml", cwd=tmp_path / "config")
+    a = load_regressor(tmp_path / "flags" / "checkpoints" / "last.ckpt")
+    b = load_regressor(tmp_path / "config" / "checkpoints" / "last.ckpt")
+    assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
+    assert torch.load(tmp_path / "config" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4 * 5
+    saved = yaml.safe_load(next((tmp_path / "config" / "lightning_logs").glob("version_*/config.yaml")).read_text())
     assert saved["data"]["batch_size"] == 3
 
 
