@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,11 +15,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from cropyield.batches import Chunk, Chunks
 from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor, LeastSquaresRegressor
@@ -108,6 +112,105 @@ def _statistics(trainer: L.Trainer, pl_module: L.LightningModule) -> Moments | N
     if pl_module.hparams.standardize:
         moments = moments.scaled(pl_module.hparams.in_features, pl_module.feature_mean, pl_module.feature_std)
     return moments
+
+
+class LongWorkProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, shown only for work that lasts: a bar appears once its epoch (or
+    validation, test, predict run) has taken ``delay`` seconds, so the tutorial's 3-batch epochs
+    print nothing. It counts batches, also when several are trained in one call (chunked steps),
+    and shows the rows per second.
+
+    Args:
+        delay: seconds a bar stays hidden after its epoch or run starts.
+    """
+
+    def __init__(self, delay: float = 3.0, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.delay = delay
+        self._batches, self._rows, self._start = 0, 0, time.perf_counter()
+
+    @property
+    @override
+    def total_train_batches(self):
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, Chunks):
+            return len(loader.loader)  # batches, not the calls that train them
+        return super().total_train_batches
+
+    @override
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_sanity_tqdm)
+
+    @override
+    def init_train_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_train_tqdm)
+
+    @override
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_validation_tqdm)
+
+    @override
+    def init_test_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_test_tqdm)
+
+    @override
+    def init_predict_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_predict_tqdm)
+
+    def _delayed(self, make) -> Tqdm:
+        # Lightning's bar with its own settings, built as a _DelayedTqdm: a bar built with tqdm's
+        # default draws itself at once, before it could be told to wait.
+        module = sys.modules[TQDMProgressBar.__module__]
+        module.Tqdm = functools.partial(_DelayedTqdm, delay=self.delay)
+        try:
+            return make()
+        finally:
+            module.Tqdm = Tqdm
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._batches, self._rows, self._start = 0, 0, time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        batches = batch if isinstance(batch, Chunk) else [batch]
+        self._batches += len(batches)
+        self._rows += sum(len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in batches)
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(self._batches, bar.total):
+            bar.n = self._batches
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    @override
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        seconds = time.perf_counter() - self._start
+        if trainer.training and self._rows and seconds > 0:
+            metrics["rows/s"] = f"{self._rows / seconds:,.0f}"
+        return metrics
+
+
+class _DelayedTqdm(Tqdm):
+    """A bar that draws nothing until ``delay`` seconds after it was (re)started: Lightning redraws
+    it with ``refresh()``, which tqdm's own ``delay`` does not hold back."""
+
+    def refresh(self, *args, **kwargs):
+        if not self.disable and self._time() < getattr(self, "start_t", 0.0) + self.delay:
+            return None
+        self.last_print_t = self._time()  # tqdm's close() then draws the final state and a newline
+        return super().refresh(*args, **kwargs)
+
+
+class RealSteps(Callback):
+    """Makes the step that loggers record (``metrics.csv``'s ``step``) count optimizer steps, as
+    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches."""
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if isinstance(batch, Chunk):
+            # Lightning adds one per call after this hook: the total is then global_step.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step - 1
 
 
 class StepTimer(Callback):

@@ -40,7 +40,9 @@ from cropyield.callbacks import (
     AtomicCheckpointIO,
     CropYieldCheckpoint,
     CSVPredictionWriter,
+    LongWorkProgressBar,
     ProgressReport,
+    RealSteps,
     interruption,
 )
 from cropyield.data import CropYieldDataModule
@@ -144,6 +146,9 @@ class CropYieldCLI(LightningCLI):
             kwargs["logger"] = _default_loggers(root)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        kwargs["callbacks"] = [*(config.get("callbacks") or []), RealSteps()]
+        if config.get("enable_progress_bar") is not False:
+            kwargs["callbacks"].append(LongWorkProgressBar())
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
@@ -194,7 +199,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
         CropYieldDataModule,
         subclass_mode_model=True,
         seed_everything_default=DEFAULT_SEED,
-        trainer_defaults={"max_epochs": 100, "enable_progress_bar": False},
+        trainer_defaults={"max_epochs": 100, "enable_progress_bar": True},  # a bar for long work only
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "default_env": False,

@@ -48,6 +48,7 @@ def test_fit_with_no_arguments_is_the_tutorial_run(trained):
     config = yaml.safe_load(next((folder / "lightning_logs").glob("version_*/config.yaml")).read_text())
     assert config["seed_everything"] == 42 and config["trainer"]["max_epochs"] == 100
     assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr
+    assert "it/s" not in result.stdout and "\r" not in result.stdout  # no progress bar for 3-batch epochs
 
 
 def test_fit_equals_the_tutorial_loop_from_the_default_seed(trained):
@@ -336,6 +337,32 @@ def test_the_checkpoints_own_config_agrees_with_it(variants, tmp_path):
     assert reported(result.stdout, "test/mse") == pytest.approx(float(((expected - TARGETS) ** 2).mean()), rel=1e-5)
 
 
+def test_a_long_epoch_shows_a_bar_counting_batches_and_metrics_count_optimizer_steps(tmp_path, capsys):
+    import lightning as L
+
+    from cropyield.callbacks import LongWorkProgressBar, RealSteps
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 3, generator=g)
+    dm = CropYieldDataModule.from_tensors(x, x @ torch.ones(3, 2), batch_size=4, fast_path_min_rows=8, steps_per_call=8)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[LongWorkProgressBar(delay=0), RealSteps()],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )
+    trainer.fit(CropYieldRegressor(lr=0.1), dm)
+    out = capsys.readouterr().out
+    assert "Epoch 1: 100%" in out and "100/100 [" in out and "rows/s=" in out  # 100 batches, in 13 calls
+    assert trainer.global_step == 200
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
+        steps = {int(row["epoch"]): int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]}
+    assert steps == {0: 99, 1: 199}  # as the tutorial's run logs step 2 for its 3-step epoch 0
+
+
 @pytest.fixture
 def argv(monkeypatch):
     """In-process CLI calls: sys.argv holds only the program, as under the console script."""
@@ -354,6 +381,9 @@ def test_help_documents_every_argument(argv, capsys):
     for name in inspect.signature(CropYieldDataModule).parameters:
         assert f"--data.{name}" in text and documented(CropYieldDataModule, name) in text, name
     assert "--model" in text and "--checkpoint.monitor" in text and "--report.every_n_epochs" in text
+    assert re.search(
+        r"--trainer\.enable_progress_bar .*?Default: ``True``\. \(type: Optional\[bool\], default: True\)", text
+    )
     for cls in (CropYieldRegressor, ManualSGDRegressor, LeastSquaresRegressor):
         with pytest.raises(SystemExit):
             cli_main(["fit", "--model.help", cls.__name__])
