@@ -196,7 +196,9 @@ class _DelayedTqdm(Tqdm):
     it with ``refresh()``, which tqdm's own ``delay`` does not hold back."""
 
     def refresh(self, *args, **kwargs):
-        if not self.disable and self._time() < getattr(self, "start_t", 0.0) + self.delay:
+        if self.disable:  # another rank's bar: tqdm set nothing else up
+            return super().refresh(*args, **kwargs)
+        if self._time() < getattr(self, "start_t", 0.0) + self.delay:
             return None
         self.last_print_t = self._time()  # tqdm's close() then draws the final state and a newline
         return super().refresh(*args, **kwargs)
