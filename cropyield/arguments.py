@@ -50,13 +50,14 @@ def checkpoint_file(config, subcommand: str) -> str | None:
     return ckpt_path
 
 
-def saved_model(path: str, checkpoint: dict) -> tuple[str, dict]:
-    """The checkpoint's model class name and the arguments of that class it was built with."""
+def saved_model(path: str, checkpoint: dict) -> tuple[type, dict]:
+    """The checkpoint's model class and the arguments of that class it was built with."""
+    import cropyield
     from cropyield import model as models
 
     meta = checkpoint.get("cropyield") if isinstance(checkpoint.get("cropyield"), dict) else {}
     variant = meta.get("class", "CropYieldRegressor")
-    cls = getattr(models, str(variant), None)
+    cls = getattr(cropyield, str(variant), None) if str(variant) in cropyield.__all__ else None
     if not (isinstance(cls, type) and issubclass(cls, models.BaseRegressor)) or cls is models.BaseRegressor:
         raise CropYieldError(f"{path}: unknown model class {variant!r}")
     saved = checkpoint.get("hyper_parameters")
@@ -70,7 +71,7 @@ def saved_model(path: str, checkpoint: dict) -> tuple[str, dict]:
         raise CropYieldError(
             f"{path}: linear.weight has shape {tuple(weight.shape)}, but its hyper-parameters say {expected}"
         )
-    return variant, hparams
+    return cls, hparams
 
 
 def given_keys(args: list[str], subcommand: str) -> set[str]:

@@ -113,13 +113,14 @@ class CropYieldCLI(LightningCLI):
         checkpoint = read_checkpoint(path)
         if subcommand != "fit":  # fit resumes a checkpoint of any moment, even mid-pass
             _spec(Path(path), checkpoint)  # weights that fit their hyper-parameters, a finished pass
-        variant, hparams = saved_model(path, checkpoint)
+        cls, hparams = saved_model(path, checkpoint)
+        variant = cls.__name__
         given = given_keys(self._args, subcommand)
         check_agreement(path, config, given, variant, hparams)
         data = {key: hparams[key] for key in ("feature_names", "target_names") if key in hparams}
         if subcommand == "fit" and "standardize" in hparams:
             data["standardize"] = hparams["standardize"]  # a resumed fit recomputes the same scaler
-        model = {"class_path": f"cropyield.model.{variant}", "init_args": hparams}
+        model = {"class_path": f"{cls.__module__}.{variant}", "init_args": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": model, "data": data}}, self.config)
         self._checkpoint_model = (path, hparams)
 
