@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from cropyield.errors import CropYieldWarning
+from cropyield import storage
+from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor, LeastSquaresRegressor
 from cropyield.reference import Moments, max_stable_lr, solve
@@ -187,10 +191,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the same folder, are flushed and fsynced, then ``os.replace`` swaps it in and the folder is
     fsynced. Reads go through :func:`cropyield.inference.read_checkpoint`: CRC-checked,
     ``weights_only=True``.
+
+    On object storage (a URL path, through fsspec) an upload is atomic but may be cut short or
+    corrupted on the way: the bytes go to a temporary object, are read back and checked (size and
+    every zip record's CRC), and only then copied, server-side, onto the final name. A killed or
+    failed save leaves the previous ``last.ckpt`` as it was.
     """
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage.is_url(str(path)):
+            _save_to_url(checkpoint, str(path))
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -213,6 +225,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def _save_to_url(checkpoint: dict[str, Any], url: str) -> None:
+    """Writes a checkpoint object through a verified temporary object (see :class:`AtomicCheckpointIO`)."""
+    import fsspec
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    payload = buffer.getvalue()
+    fs, key = fsspec.core.url_to_fs(url)
+    # Not named after the checkpoint: Lightning's `ckpt_path="last"` takes any name holding "last".
+    tmp = f"{key.rsplit('/', 1)[0]}/.upload-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        fs.pipe_file(tmp, payload)
+        written = fs.cat_file(tmp)
+        try:
+            with zipfile.ZipFile(io.BytesIO(written)) as archive:
+                intact = len(written) == len(payload) and archive.testzip() is None
+        except zipfile.BadZipFile:
+            intact = False
+        if not intact:
+            raise CropYieldError(f"{url}: the uploaded checkpoint did not read back intact; the previous one is kept")
+        fs.copy(tmp, key)
+    finally:
+        try:
+            fs.rm_file(tmp)
+        except FileNotFoundError:
+            pass
 
 
 class CSVPredictionWriter(BasePredictionWriter):

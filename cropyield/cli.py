@@ -24,6 +24,7 @@ from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor
+from cropyield.storage import is_url
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_SEED = 42
@@ -72,7 +73,8 @@ class CropYieldCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
-        root = os.path.realpath(config.get("default_root_dir") or os.getcwd())
+        root = config.get("default_root_dir") or os.getcwd()
+        root = root.rstrip("/") if is_url(root) else os.path.realpath(root)  # a URL: checkpoints and logs there
         if config.get("logger") in (None, True):
             kwargs["logger"] = _default_loggers(root)
         if not config.get("plugins"):
