@@ -5,6 +5,10 @@ cropyield fit --config from_scratch.yaml          # the manual-optimization vari
 cropyield fit --config exact.yaml                 # the exact least-squares fit in one pass
 cropyield fit --ckpt_path last                    # resume from checkpoints/last.ckpt
 cropyield predict --ckpt_path checkpoints/last.ckpt
+
+Under DDP (``--trainer.strategy ddp``, one machine or several nodes under torchrun or SLURM) a
+collective that gets no answer from a peer for ``--ddp_timeout`` seconds (default 120) ends the
+process with one line saying a peer was lost; relaunch every node with ``--ckpt_path last``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -28,6 +34,12 @@ from cropyield.storage import is_url
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_SEED = 42
+DEFAULT_DDP_TIMEOUT = 120.0
+# How a collective reports a peer that died or stopped answering (gloo, NCCL, the TCP store).
+_PEER_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out|timed out|NCCL.*(timeout|Watchdog)|"
+    r"recvBytes|sendBytes|Socket Timeout",
+)
 
 
 class CropYieldCLI(LightningCLI):
@@ -47,6 +59,13 @@ class CropYieldCLI(LightningCLI):
                 # Overwrite last.ckpt in place instead of writing last-v1.ckpt beside a stale one.
                 "checkpoint.enable_version_counter": False,
             }
+        )
+        parser.add_argument(
+            "--ddp_timeout",
+            type=float,
+            default=DEFAULT_DDP_TIMEOUT,
+            help="under --trainer.strategy ddp: seconds a collective waits for a peer before the process "
+            "ends with one line saying a peer was lost (the process group's timeout)",
         )
         parser.add_lightning_class_args(ProgressReport, "report")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
@@ -79,6 +98,12 @@ class CropYieldCLI(LightningCLI):
             kwargs["logger"] = _default_loggers(root)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        if config.get("strategy") == "ddp":  # Lightning's default would wait 30 minutes for a lost peer
+            from lightning.pytorch.strategies import DDPStrategy
+
+            subcommand = self.config.get("subcommand")
+            seconds = self.config[subcommand].get("ddp_timeout", DEFAULT_DDP_TIMEOUT) if subcommand else None
+            kwargs["strategy"] = DDPStrategy(timeout=timedelta(seconds=seconds or DEFAULT_DDP_TIMEOUT))
         trainer = super().instantiate_trainer(**kwargs)
         # Set before fit starts: `fit(ckpt_path="last")` looks only in the dirpath known by then.
         for callback in trainer.checkpoint_callbacks:
@@ -148,10 +173,27 @@ def main() -> None:
         cli_main()
     except Exception as err:
         cause = _user_error(err)
+        if cause is None and _peer_lost(err):
+            detail = " ".join(str(err).split())[:160]
+            print(
+                f"cropyield: error: a peer process was lost or stopped answering ({type(err).__name__}: {detail}); "
+                "relaunch every node with --ckpt_path last",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         if cause is None:
             raise
         print(f"cropyield: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure to reach a peer (under DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(err, (dist.DistError, RuntimeError)) and bool(_PEER_LOST.search(str(err)))
 
 
 def _user_error(err: BaseException | None) -> CropYieldError | None:

@@ -15,6 +15,7 @@ import pytest
 from cropyield.data import FEATURE_NAMES, INPUTS, TARGET_NAMES, TARGETS
 
 BIN = Path(sys.executable).parent
+ROOT_DIR = Path(__file__).parents[1]
 
 
 @pytest.fixture
