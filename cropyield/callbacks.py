@@ -228,13 +228,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _save_to_url(checkpoint: dict[str, Any], url: str) -> None:
-    """Writes a checkpoint object through a verified temporary object (see :class:`AtomicCheckpointIO`)."""
+    """Writes a checkpoint object through a verified temporary object (see :class:`AtomicCheckpointIO`),
+    retrying the whole upload while the store is unreachable, for up to ``CROPYIELD_RETRY_SECONDS``."""
     import fsspec
 
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     payload = buffer.getvalue()
     fs, key = fsspec.core.url_to_fs(url)
+    deadline, pause = time.monotonic() + storage.retry_seconds(), 0.25
+    while True:
+        try:
+            _upload(fs, key, payload, url)
+            return
+        except (CropYieldError, PermissionError, FileNotFoundError):
+            raise
+        except Exception as err:  # s3fs and botocore raise their own types for a store out of reach
+            if time.monotonic() + pause > deadline:
+                detail = " ".join(str(err).split())[:160] or type(err).__name__
+                raise CropYieldError(
+                    f"{url}: cannot save the checkpoint ({detail}); retried for {storage.retry_seconds():g} s, "
+                    "the previous one is kept"
+                ) from None
+        time.sleep(pause)
+        pause = min(4.0, 2 * pause)
+
+
+def _upload(fs, key: str, payload: bytes, url: str) -> None:
     # Not named after the checkpoint: Lightning's `ckpt_path="last"` takes any name holding "last".
     tmp = f"{key.rsplit('/', 1)[0]}/.upload-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -251,7 +271,7 @@ def _save_to_url(checkpoint: dict[str, Any], url: str) -> None:
     finally:
         try:
             fs.rm_file(tmp)
-        except FileNotFoundError:
+        except Exception:  # best effort: an unreachable store keeps a hidden temporary object, never a bad last.ckpt
             pass
 
 

@@ -130,16 +130,18 @@ def bucket(s3_server) -> str:
     return f"s3://{name}"
 
 
-def s3_filesystem():
-    """A pyarrow filesystem on the test S3 server (``bucket/key`` paths)."""
+def s3_filesystem(endpoint: str | None = None):
+    """A pyarrow filesystem on the test S3 server (``bucket/key`` paths), or on ``endpoint``."""
     import pyarrow.fs as pafs
 
-    return pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"])
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint or os.environ["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing"
+    )
 
 
-def upload(local: Path, url: str) -> str:
+def upload(local: Path, url: str, endpoint: str | None = None) -> str:
     """Copies a local file (or every file of a folder) to ``url`` (``s3://bucket/key``); returns the URL."""
-    fs = s3_filesystem()
+    fs = s3_filesystem(endpoint)
     sources = sorted(local.iterdir()) if local.is_dir() else [local]
     for source in sources:
         key = url.removeprefix("s3://").rstrip("/") + ("/" + source.name if local.is_dir() else "")

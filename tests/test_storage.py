@@ -1,6 +1,10 @@
 """Data read from URLs (a local S3 server): the same rows as from local files, ranged reads, retries
 and one-line errors naming the URL."""
 
+import io
+import os
+import re
+import subprocess
 import threading
 import time
 
@@ -17,7 +21,7 @@ from cropyield.files import data_files, list_pieces, read_columns, read_piece, r
 from cropyield.inference import read_checkpoint
 from cropyield.model import CropYieldRegressor
 
-from .conftest import assert_one_line_error, moto_server, run, upload, write_csv
+from .conftest import BIN, ROOT_DIR, assert_one_line_error, moto_server, run, s3_filesystem, upload, write_csv
 from .test_streaming import COLUMNS, write_folder
 
 
@@ -175,3 +179,65 @@ def test_a_checkpoint_upload_that_does_not_read_back_intact_keeps_the_previous_o
     assert _objects(f"{bucket}/ckpt") == [url]  # no temporary object left
     with pytest.raises(CropYieldError, match=f"^{bucket}/ckpt/none.ckpt: no such checkpoint file$"):
         read_checkpoint(f"{bucket}/ckpt/none.ckpt")
+
+
+def _fit_through_an_outage(tmp_path, name, data, outage: float | None, retry_seconds: float):
+    """A streamed fit from the store, checkpoints there too; the server stops at step 3 for ``outage``
+    seconds (``None``: for good). Returns the fit's (rc, stdout, stderr) and seconds from the stop to its end."""
+    with moto_server() as server:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env = {"AWS_ENDPOINT_URL": endpoint, "CROPYIELD_RETRY_SECONDS": str(retry_seconds)}
+        env |= {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT_DIR), os.environ.get("PYTHONPATH")]))
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True, access_key="testing",
+                          secret_key="testing").create_dir(name)  # fmt: skip
+        url = upload(data, f"s3://{name}/data/", endpoint)
+    work = tmp_path / name
+    work.mkdir()
+    with moto_server(port):
+        fit = subprocess.Popen(
+            [str(BIN / "cropyield"), "fit", "--data.data_path", url, "--data.streaming", "true",
+             "--data.batch_size", "20", "--data.shuffle_buffer", "40", "--data.standardize", "true",
+             "--model.lr", "0.05", "--trainer.max_epochs", "2", "--checkpoint.dirpath", f"s3://{name}/ckpt",
+             "--checkpoint.every_n_train_steps", "2", "--data.steps_per_call", "1",
+             "--trainer.callbacks+=tests.node_helpers.SlowSteps"],
+            cwd=work, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 200
+        while not ((work / "step").exists() and int((work / "step").read_text() or 0) >= 3):
+            assert time.monotonic() < deadline and fit.poll() is None, fit.communicate()
+            time.sleep(0.05)
+    stopped = time.monotonic()
+    if outage is not None:
+        time.sleep(outage)
+        with moto_server(port):
+            out, err = fit.communicate(timeout=300)
+    else:
+        out, err = fit.communicate(timeout=300)
+    ended = time.monotonic() - stopped
+    with moto_server(port):  # moto's state lives in this process: the bucket is back, whole
+        with s3_filesystem(endpoint).open_input_file(f"{name}/ckpt/last.ckpt") as f:
+            last = torch.load(io.BytesIO(f.read()), weights_only=True)
+    return (fit.returncode, out, err), ended, last
+
+
+@pytest.mark.slow
+def test_a_fit_carries_on_through_a_short_outage_and_a_lasting_one_is_one_line(tmp_path):
+    write_folder(tmp_path / "d", sizes=(300,), row_group=20)
+    (rc, _, err), _, through = _fit_through_an_outage(tmp_path, f"outage-{os.getpid()}", tmp_path / "d", 3.0, 60)
+    assert rc == 0, err
+    (rc, _, err), _, calm = _fit_through_an_outage(tmp_path, f"calm-{os.getpid()}", tmp_path / "d", 0.0, 60)
+    assert rc == 0, err
+    for name in ("linear.weight", "linear.bias"):  # the same fit as one the outage did not touch
+        assert torch.equal(through["state_dict"][name], calm["state_dict"][name])
+    (rc, _, err), ended, last = _fit_through_an_outage(tmp_path, f"gone-{os.getpid()}", tmp_path / "d", None, 3)
+    assert rc != 0 and ended < 60
+    lines = [line for line in err.splitlines() if line.startswith("cropyield: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.match(
+        rf"cropyield: error: s3://gone-{os.getpid()}/\S+: cannot (be reached|save the checkpoint)", lines[0]
+    )
+    assert last["global_step"] >= 2  # the last checkpoint saved before the store went away, intact
