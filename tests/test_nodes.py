@@ -147,15 +147,3 @@ def test_a_lost_node_ends_the_survivor_within_the_timeout_and_a_relaunch_resumes
     results = finish(launch_nodes(tmp_path / "again", free_port(), *args, "--ckpt_path", "last"))
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert same_weights(load_regressor(f"{root}/checkpoints/last.ckpt"), reference)
-
-
-def test_torchrun_restarts_a_group_whose_worker_was_killed_and_it_resumes_exactly(tmp_path, data):
-    name, url, _, reference = data
-    root = f"s3://{name}/restarted"
-    result = run("torchrun", "--nnodes", 1, "--nproc-per-node", 2, "--max-restarts", 1, "--master-port", free_port(),
-                 BIN / "cropyield", "fit", "--trainer.devices", 2, *DDP, "--data.data_path", url, *SGD,
-                 "--trainer.default_root_dir", root, "--ckpt_path", "last", "--ddp_timeout", "60",
-                 "--trainer.callbacks+=tests.node_helpers.StopAt", "--trainer.callbacks.step=6",
-                 "--trainer.callbacks.action=kill", cwd=tmp_path, env=ENV)  # fmt: skip
-    assert "Restoring states from the checkpoint" in result.stdout + result.stderr
-    assert same_weights(load_regressor(f"{root}/checkpoints/last.ckpt"), reference)

@@ -18,7 +18,7 @@ from cropyield.callbacks import AtomicCheckpointIO
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError
 from cropyield.files import data_files, list_pieces, read_columns, read_piece, read_table
-from cropyield.inference import read_checkpoint
+from cropyield.inference import LinearPredictor, read_checkpoint
 from cropyield.model import CropYieldRegressor
 
 from .conftest import BIN, ROOT_DIR, assert_one_line_error, moto_server, run, s3_filesystem, upload, write_csv
@@ -160,6 +160,9 @@ def test_a_fit_on_s3_keeps_checkpoints_and_logs_there_and_resumes_from_its_last(
     predicted = run("cropyield-predict", "--ckpt", f"{root}/checkpoints/last.ckpt", "73", "67", "43", cwd=work)
     expected = run("cropyield-predict", "--ckpt", local / "checkpoints" / "last.ckpt", "73", "67", "43", cwd=local)
     assert predicted.stdout == expected.stdout and predicted.stdout.strip()
+    served = LinearPredictor.from_checkpoint(f"{root}/checkpoints/last.ckpt")  # what cropyield-serve loads
+    x = torch.tensor([[73.0, 67.0, 43.0]])
+    assert torch.equal(served(x), LinearPredictor.from_checkpoint(local / "checkpoints" / "last.ckpt")(x))
 
 
 def test_a_checkpoint_upload_that_does_not_read_back_intact_keeps_the_previous_one(tmp_path, bucket, monkeypatch):
