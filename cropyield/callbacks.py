@@ -236,6 +236,7 @@ def _save_to_url(checkpoint: dict[str, Any], url: str) -> None:
     torch.save(checkpoint, buffer)
     payload = buffer.getvalue()
     fs, key = fsspec.core.url_to_fs(url)
+    _quiet_abandoned_requests()
     deadline, pause = time.monotonic() + storage.retry_seconds(), 0.25
     while True:
         try:
@@ -252,6 +253,20 @@ def _save_to_url(checkpoint: dict[str, Any], url: str) -> None:
                 ) from None
         time.sleep(pause)
         pause = min(4.0, 2 * pause)
+
+
+def _quiet_abandoned_requests() -> None:
+    """Keeps fsspec's event loop from printing a traceback for a request abandoned when the store
+    went away: the failure is retried, then reported in one line, here."""
+    import fsspec.asyn
+
+    loop = fsspec.asyn.get_loop()
+
+    def handler(loop, context) -> None:
+        if not isinstance(context.get("exception"), OSError):  # a network error: already handled
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def _upload(fs, key: str, payload: bytes, url: str) -> None:
