@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cropyield import storage
 from cropyield.errors import CropYieldError
 
 _VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor", "LeastSquaresRegressor")
@@ -41,24 +42,30 @@ _TUTORIAL_UNITS = "tons per hectare"
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
     """Loads a checkpoint file safely: integrity-checked, tensors and plain values only.
 
+    ``path`` may be a URL (``s3://bucket/run/checkpoints/last.ckpt``): the object is read into
+    memory through fsspec and checked the same way.
+
     Raises:
         CropYieldError: the file is missing, a directory, truncated or corrupted (a CRC mismatch),
             or holds pickled objects other than tensors and plain values.
     """
-    path = Path(path)
-    if not path.exists():
+    path = storage.location(path)
+    source = io.BytesIO(fetch(path)) if storage.is_url(path) else path
+    if not storage.is_url(path) and not path.exists():
         raise CropYieldError(f"{path}: no such checkpoint file")
-    if path.is_dir():
+    if not storage.is_url(path) and path.is_dir():
         raise CropYieldError(f"{path}: is a directory, not a checkpoint file")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             bad = archive.testzip()  # reads every record and checks its CRC-32
     except Exception as err:  # untrusted bytes: any failure to parse means "not a valid checkpoint"
         raise CropYieldError(f"{path}: not a PyTorch checkpoint, or truncated ({_brief(err)})") from None
     if bad is not None:
         raise CropYieldError(f"{path}: corrupted checkpoint (CRC mismatch in {bad!r}); use another copy")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         what = str(err).split("\n")
         detail = next((line.strip() for line in what if "Unsupported" in line or "global" in line), what[0])
@@ -75,6 +82,31 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 
 def _brief(err: BaseException) -> str:
     return " ".join(str(err).split())[:160] or type(err).__name__
+
+
+def fetch(url: str) -> bytes:
+    """The bytes of a checkpoint object at a URL, through fsspec (s3fs for ``s3://``, the ``cloud`` extra).
+
+    Raises:
+        CropYieldError: no filesystem library for the URL, no such object, a folder, or unreadable.
+    """
+    import fsspec  # a dependency of Lightning, imported only for URLs
+
+    try:
+        fs, key = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise CropYieldError(
+            f"{url}: no filesystem library for this URL ({_brief(err)}); "
+            "install it with: pip install 'cropyield[cloud]'"
+        ) from None
+    try:
+        if fs.isdir(key):
+            raise CropYieldError(f"{url}: is a directory, not a checkpoint file")
+        return fs.cat_file(key)
+    except FileNotFoundError:
+        raise CropYieldError(f"{url}: no such checkpoint file") from None
+    except OSError as err:
+        raise CropYieldError(f"{url}: cannot be read ({_brief(err)})") from None
 
 
 def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -136,7 +168,7 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
     """
     import cropyield  # Lightning is needed only here
 
-    path = Path(path)
+    path = storage.location(path)
     checkpoint = read_checkpoint(path, map_location)
     variant, kwargs, state = _spec(path, checkpoint)
     cls = getattr(cropyield, variant)
@@ -178,7 +210,7 @@ class LinearPredictor(nn.Module):
     def from_checkpoint(
         cls, path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
     ) -> LinearPredictor:
-        path = Path(path)
+        path = storage.location(path)
         checkpoint = read_checkpoint(path, map_location)
         _, kwargs, state = _spec(path, checkpoint)
         kwargs.setdefault("in_features", state["linear.weight"].shape[1])
