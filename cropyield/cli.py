@@ -5,28 +5,65 @@ cropyield fit --config from_scratch.yaml          # the manual-optimization vari
 cropyield fit --config exact.yaml                 # the exact least-squares fit in one pass
 cropyield fit --ckpt_path last                    # resume from checkpoints/last.ckpt
 cropyield predict --ckpt_path checkpoints/last.ckpt
+
+Under DDP (``--trainer.strategy ddp``, one machine or several nodes under torchrun or SLURM) a
+collective that gets no answer from a peer for ``--ddp_timeout`` seconds (default 120) ends the
+process with one line saying a peer was lost; relaunch every node with ``--ckpt_path last``.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import importlib.util
 import logging
 import os
+import re
+import signal
 import sys
-from pathlib import Path
+from datetime import timedelta
+from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
-from cropyield.callbacks import AtomicCheckpointIO, CropYieldCheckpoint, CSVPredictionWriter, ProgressReport
+from cropyield.arguments import (
+    CONFIG_DIR,
+    LINKS,
+    check_agreement,
+    checkpoint_file,
+    given_keys,
+    one_line,
+    preprocess,
+    saved_model,
+    shipped_config,
+)
+from cropyield.callbacks import (
+    AtomicCheckpointIO,
+    CropYieldCheckpoint,
+    CSVPredictionWriter,
+    LongWorkProgressBar,
+    ProgressReport,
+    RealSteps,
+    interruption,
+)
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
-from cropyield.inference import read_checkpoint
+from cropyield.inference import _spec, read_checkpoint
 from cropyield.model import BaseRegressor
+from cropyield.storage import is_url, location
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+__all__ = ["CONFIG_DIR", "CropYieldCLI", "cli_main", "main", "shipped_config"]
 DEFAULT_SEED = 42
+DEFAULT_DDP_TIMEOUT = 120.0
+# How a collective reports a peer that died or stopped answering (gloo, NCCL, the TCP store).
+_PEER_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out|timed out|NCCL.*(timeout|Watchdog)|"
+    r"recvBytes|sendBytes|Socket Timeout",
+)
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class CropYieldCLI(LightningCLI):
@@ -47,41 +84,121 @@ class CropYieldCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
+        parser.add_argument(
+            "--ddp_timeout",
+            type=float,
+            default=DEFAULT_DDP_TIMEOUT,
+            help="under --trainer.strategy ddp: seconds a collective waits for a peer before the process "
+            "ends with one line saying a peer was lost (the process group's timeout)",
+        )
         parser.add_lightning_class_args(ProgressReport, "report")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
-        # Model sizes and names follow the data, so any file trains with no model flags.
-        for source, target in [
-            ("num_features", "in_features"),
-            ("num_targets", "out_features"),
-            ("feature_names", "feature_names"),
-            ("target_names", "target_names"),
-            ("standardize", "standardize"),
-        ]:
-            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+        # Model sizes and names follow the data, so any file trains with no model flags; a model
+        # rebuilt from a checkpoint keeps the checkpoint's values (see `_parse_ckpt_path`).
+        for source, target in LINKS:
+            parser.link_arguments(
+                f"data.{source}",
+                f"model.init_args.{target}",
+                compute_fn=functools.partial(self._linked, target),
+                apply_on="instantiate",
+            )
+
+    def _linked(self, target: str, value: Any) -> Any:
+        """The value a data-to-model link gives: the checkpoint's when the model comes from one."""
+        saved = getattr(self, "_checkpoint_model", None)
+        return saved[1][target] if saved is not None and target in saved[1] else value
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
 
     @override
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyper-parameters here, before a Trainer exists: check
-        # the file first, so that a bad or malicious one is a one-line error, not a traceback.
+        # LightningCLI reads the checkpoint's hyper-parameters here, before a Trainer exists, and
+        # merges them into whatever model the arguments name (the default class included): here
+        # the checkpoint's own class and hyper-parameters are the model, and an argument that
+        # contradicts them is an error. The file is checked first, so that a bad or malicious one
+        # is a one-line error, not a traceback.
+        self._checkpoint_model = None
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and (Path(ckpt_path).exists() or ckpt_path not in ("last", "best", "hpc")):
-            read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = checkpoint_file(config, subcommand)
+        if path is None:
+            return
+        checkpoint = read_checkpoint(path)
+        if subcommand != "fit":  # fit resumes a checkpoint of any moment, even mid-pass
+            _spec(location(path), checkpoint)  # weights that fit their hyper-parameters, a finished pass
+        cls, hparams = saved_model(path, checkpoint)
+        variant = cls.__name__
+        given = given_keys(self._args, subcommand)
+        check_agreement(path, config, given, variant, hparams)
+        data = {key: hparams[key] for key in ("feature_names", "target_names") if key in hparams}
+        if subcommand == "fit" and "standardize" in hparams:
+            data["standardize"] = hparams["standardize"]  # a resumed fit recomputes the same scaler
+        model = {"class_path": f"{cls.__module__}.{variant}", "init_args": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model, "data": data}}, self.config)
+        self._checkpoint_model = (path, hparams)
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _user_error(err)
+            saved = getattr(self, "_checkpoint_model", None)
+            if cause is None or saved is None:
+                raise
+            path, hparams = saved
+            raise CropYieldError(
+                f"{cause}; the model in {path} takes features {hparams.get('feature_names')} and targets "
+                f"{hparams.get('target_names')}"
+            ) from None
 
     @override
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
-        root = os.path.realpath(config.get("default_root_dir") or os.getcwd())
+        root = config.get("default_root_dir") or os.getcwd()
+        root = root.rstrip("/") if is_url(root) else os.path.realpath(root)  # a URL: checkpoints and logs there
         if config.get("logger") in (None, True):
             kwargs["logger"] = _default_loggers(root)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        trainer = super().instantiate_trainer(**kwargs)
+        if config.get("strategy") == "ddp":  # Lightning's default would wait 30 minutes for a lost peer
+            from lightning.pytorch.strategies import DDPStrategy
+
+            subcommand = self.config.get("subcommand")
+            seconds = self.config[subcommand].get("ddp_timeout", DEFAULT_DDP_TIMEOUT) if subcommand else None
+            kwargs["strategy"] = DDPStrategy(timeout=timedelta(seconds=seconds or DEFAULT_DDP_TIMEOUT))
+        kwargs["callbacks"] = [*(config.get("callbacks") or []), RealSteps()]
+        if config.get("enable_progress_bar") is not False:
+            kwargs["callbacks"].append(LongWorkProgressBar())
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+            if isinstance(err, CropYieldError):
+                raise
+            # Lightning checks its arguments here (`max_epochs` must be ..., devices, strategy):
+            # the user's mistake, named as the flag that set it.
+            message = " ".join(str(err).split())
+            keys = list(dict(config))
+            named = [k for k in keys if re.search(rf"`{re.escape(k)}`|\b{re.escape(k)}=", message)]
+            named = named or [k for k in keys if re.search(rf"\b{re.escape(k)}\b", message)]
+            raise CropYieldError(
+                (f"--trainer.{named[0]}: " if named else "invalid Trainer arguments: ") + message
+            ) from None
         # Set before fit starts: `fit(ckpt_path="last")` looks only in the dirpath known by then.
         for callback in trainer.checkpoint_callbacks:
             if callback.dirpath is None:
                 callback.dirpath = os.path.join(root, "checkpoints")
+        # A fresh fit replaces last.ckpt and same-named best checkpoints: an earlier run's are kept
+        # (moved aside before this run's first write, so a run that fails first changes nothing).
+        if self.subcommand == "fit" and not self.config.fit.get("ckpt_path"):
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, CropYieldCheckpoint):
+                    callback.keep_earlier = True
         return trainer
 
 
@@ -93,23 +210,6 @@ def _default_loggers(root: str) -> list:
     return loggers
 
 
-def shipped_config(name: str) -> str:
-    """Resolves ``--config tutorial.yaml`` to the shipped config when no such file is here."""
-    if not os.path.exists(name) and (CONFIG_DIR / name).is_file():
-        return str(CONFIG_DIR / name)
-    return name
-
-
-def _resolve_configs(args: list[str]) -> list[str]:
-    args = list(args)
-    for i, arg in enumerate(args):
-        if i and args[i - 1] in ("-c", "--config"):
-            args[i] = shipped_config(arg)
-        elif arg.startswith("--config="):
-            args[i] = "--config=" + shipped_config(arg.split("=", 1)[1])
-    return args
-
-
 def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
     """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv[1:]`` in tests.
 
@@ -117,17 +217,23 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
     ``from_scratch.yaml``, ``fast.yaml``, ``exact.yaml``).
     """
     if args is None:  # the console script: LightningCLI reads sys.argv itself
-        sys.argv[1:] = _resolve_configs(sys.argv[1:])
+        sys.argv[1:] = preprocess(sys.argv[1:])
     else:
-        args = _resolve_configs(args)
+        args = preprocess(args)
     return CropYieldCLI(
         BaseRegressor,
         CropYieldDataModule,
         subclass_mode_model=True,
         seed_everything_default=DEFAULT_SEED,
-        trainer_defaults={"max_epochs": 100, "enable_progress_bar": False},
+        trainer_defaults={"max_epochs": 100, "enable_progress_bar": True},  # a bar for long work only
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False, "description": "Train and use the crop-yield regressor."},
+        parser_kwargs={
+            "default_env": False,
+            "description": "Train and use the crop-yield regressor.",
+            # Parse errors are raised, and printed by main() in one line, not after the whole usage.
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in SUBCOMMANDS},
+        },
         args=args,
         run=run,
         auto_configure_optimizers=False,
@@ -144,12 +250,54 @@ def main() -> None:
     one_line_warnings("cropyield")
     try:
         cli_main()
+    except SystemExit:  # Lightning's SIGTERMException, or its exit(1) after a KeyboardInterrupt
+        stopped = interruption()
+        if not stopped:
+            raise
+        name = signal.Signals(stopped["signum"]).name
+        saved = f"saved {stopped['path']} at step {stopped['step']}" if stopped["path"] else "nothing to save yet"
+        print(f"cropyield: stopped by {name}: {saved}; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + stopped["signum"])
+    except argparse.ArgumentError as err:  # jsonargparse's, for a value of the wrong type or an unknown flag
+        _fail(one_line(str(err)))
     except Exception as err:
-        cause = _user_error(err)
+        cause = _user_error(err) or _mismatch(err)
+        if cause is None and _peer_lost(err):
+            detail = " ".join(str(err).split())[:160]
+            print(
+                f"cropyield: error: a peer process was lost or stopped answering ({type(err).__name__}: {detail}); "
+                "relaunch every node with --ckpt_path last",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         if cause is None:
             raise
-        print(f"cropyield: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(cause))
+
+
+def _fail(message: str) -> None:
+    print(f"cropyield: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _mismatch(err: BaseException) -> str | None:
+    """Lightning's many-line size-mismatch error on loading weights, in one line."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or "Error(s) in loading state_dict" not in text:
+        return None
+    details = [" ".join(line.split()) for line in text.splitlines() if "size mismatch" in line or "Missing key" in line]
+    return "the checkpoint's weights do not fit the model of this run: " + "; ".join(
+        details or [text.split("\n", maxsplit=1)[0]]
+    )
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure to reach a peer (under DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(err, (dist.DistError, RuntimeError)) and bool(_PEER_LOST.search(str(err)))
 
 
 def _user_error(err: BaseException | None) -> CropYieldError | None:

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cropyield.batches import Chunks, EpochPermutation, GatheredBatches, SlicedBatches
 from cropyield.errors import CropYieldError
-from cropyield.files import check_columns, data_files, list_pieces, read_columns, read_piece, read_table
-from cropyield.reference import Moments
+from cropyield.files import check_columns, check_files, data_files, list_pieces, read_columns, read_piece, read_table
+from cropyield.reference import QRFactor
 from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER, StreamedBatches, StreamedRows, StreamSource
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
@@ -43,6 +43,8 @@ TARGETS = torch.tensor(
 )  # fmt: skip
 FEATURE_NAMES = ("temp", "rainfall", "humidity")
 TARGET_NAMES = ("apples", "oranges")
+
+TUTORIAL_UNITS = "tons per hectare"  # the tutorial's unit of yield; other data's is not known
 
 FAST_PATH_MIN_ROWS = 50_000
 MIN_ROWS = 2
@@ -137,13 +139,14 @@ class CropYieldDataModule(L.LightningDataModule):
         if self.data_path is not None:
             # The headers are read now, so a bad path or column fails before a Trainer exists.
             self._files = data_files(self.data_path)
-            source, columns = self.data_path, read_columns(self._files[0])
+            source, columns = str(self._files[0]), read_columns(self._files[0])
         elif self._memory is not None:
             source, columns = "the given tensors", self._memory[0]
         else:
             source, columns = "the embedded data", (*FEATURE_NAMES, *TARGET_NAMES)
         self.target_names = tuple(target_names) if target_names is not None else TARGET_NAMES
         check_columns(source, self.target_names, columns)
+        inferred = feature_names is None
         if feature_names is None:
             feature_names = [c for c in columns if c not in self.target_names]
         self.feature_names = tuple(feature_names)
@@ -153,13 +156,15 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"column(s) {overlap} cannot be both a feature and a target")
         if not self.feature_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
+        if self.data_path is not None:  # a folder's files: columns by name, in any order
+            check_files(self._files, [*self.feature_names, *self.target_names], columns if inferred else None)
         self._columns = tuple(columns)
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
         self._train: torch.Tensor | None = None  # [rows, features + targets]
         self._eval: torch.Tensor | None = None  # validation/test rows, same layout
         self._predict: torch.Tensor | None = None  # [rows, features (+ targets when present)]
-        self._statistics: Moments | None = None
+        self._statistics: QRFactor | None = None
         self._stream: StreamSource | None = None  # streaming: the pieces and the split
         self._predict_stream: StreamSource | None = None
 
@@ -172,13 +177,15 @@ class CropYieldDataModule(L.LightningDataModule):
         shuffle: bool = True,
         **kwargs,
     ) -> CropYieldDataModule:
-        """Builds a data module over in-memory rows (tensors or numpy arrays, made float32).
+        """Builds a data module over in-memory rows (tensors or numpy arrays, made float32; float64
+        ones are kept as they are for the exact solver, which reads them unrounded).
 
         Columns are named as the tutorial's when the shapes are its (3 features, 2 targets), else
         ``feature_0, ...`` and ``target_0, ...``. Other keyword arguments are the constructor's.
         """
-        inputs = torch.as_tensor(inputs, dtype=torch.float32)
-        targets = torch.as_tensor(targets, dtype=torch.float32)
+        inputs, targets = torch.as_tensor(inputs), torch.as_tensor(targets)
+        dtype = torch.float64 if inputs.dtype == targets.dtype == torch.float64 else torch.float32
+        inputs, targets = inputs.to(dtype), targets.to(dtype)
         if inputs.ndim != 2 or targets.ndim != 2 or len(inputs) != len(targets):
             raise CropYieldError(
                 "inputs and targets must be 2-D with one row per observation, got shapes "
@@ -201,6 +208,11 @@ class CropYieldDataModule(L.LightningDataModule):
     @property
     def num_targets(self) -> int:
         return len(self.target_names)
+
+    @property
+    def units(self) -> str | None:
+        """The targets' unit, where known: the tutorial's for its embedded rows, else None."""
+        return TUTORIAL_UNITS if self.data_path is None and self._memory is None else None
 
     @property
     def uses_fast_path(self) -> bool:
@@ -232,7 +244,7 @@ class CropYieldDataModule(L.LightningDataModule):
         else:
             self._train = self._eval = rows
         if self.standardize:
-            mean, std = self.statistics().feature_scale(self.num_features)
+            mean, std = self.statistics().feature_scale()
             self.feature_mean, self.feature_std = mean.float(), std.float()
 
     def _setup_streaming(self, stage: str) -> None:
@@ -246,7 +258,7 @@ class CropYieldDataModule(L.LightningDataModule):
             return
         wanted = self._wanted(targets_required=True)
         pieces = list_pieces(self._files, wanted, self.limit_rows)
-        self._stream = StreamSource(pieces, wanted, self.val_fraction, self._seed())
+        self._stream = StreamSource(pieces, wanted, self.val_fraction, self._seed(), self._dtype())
         train, held = sum(self._stream.train_counts), sum(p.rows for p in pieces) - sum(self._stream.train_counts)
         if train < MIN_ROWS or (self.val_fraction > 0 and held < MIN_ROWS):
             raise CropYieldError(
@@ -254,19 +266,19 @@ class CropYieldDataModule(L.LightningDataModule):
                 f"{MIN_ROWS} of each)"
             )
         if self.standardize and self.feature_mean is None:
-            mean, std = self.statistics().feature_scale(self.num_features)
+            mean, std = self.statistics().feature_scale()
             self.feature_mean, self.feature_std = mean.float(), std.float()
 
-    def statistics(self) -> Moments:
-        """Float64 count, means and co-moments of the training rows ``[features | targets]``, computed
-        once: the least-squares optimum, ``standardize`` and the stable-step check all use them.
+    def statistics(self) -> QRFactor:
+        """The float64 QR factor of the training rows ``[features | 1 | targets]``, computed once:
+        the least-squares optimum, ``standardize`` and the stable-step check all use it.
         Streaming, they take one pass over the files (each process reads its share under DDP)."""
         if self._statistics is None:
             if self._stream is not None:
                 rank, world = self._rank_and_world()
-                self._statistics = self._stream.statistics(rank, world)
+                self._statistics = self._stream.statistics(self.num_features, rank, world)
             elif self._train is not None:
-                self._statistics = Moments.of_table(self._train)
+                self._statistics = QRFactor.of_table(self._train, self.num_features)
             else:
                 raise RuntimeError("call setup('fit') first")
         return self._statistics
@@ -381,16 +393,23 @@ class CropYieldDataModule(L.LightningDataModule):
             wanted += self.target_names
         return wanted
 
+    def _dtype(self) -> torch.dtype:
+        """float64 for a model that asks for it (the exact solver: every digit of the files), else float32."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(model, "data_dtype", torch.float32)
+
     def _load(self, targets_required: bool) -> torch.Tensor:
         wanted = self._wanted(targets_required)
+        dtype = self._dtype() if targets_required else torch.float32
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
         if self.data_path is not None and len(self._files) == 1:
-            rows = torch.from_numpy(read_table(self._files[0], wanted))
+            rows = torch.from_numpy(read_table(self._files[0], wanted, np_dtype))
         elif self.data_path is not None:  # a folder: its pieces, each copied once into one table
             pieces = list_pieces(self._files, wanted, self.limit_rows)
-            table = np.empty((sum(p.rows for p in pieces), len(wanted)), dtype=np.float32)
+            table = np.empty((sum(p.rows for p in pieces), len(wanted)), dtype=np_dtype)
             start = 0
             for piece in pieces:
-                table[start : start + piece.rows] = read_piece(piece, wanted)
+                table[start : start + piece.rows] = read_piece(piece, wanted, np_dtype)
                 start += piece.rows
             rows = torch.from_numpy(table)
         else:
@@ -399,8 +418,11 @@ class CropYieldDataModule(L.LightningDataModule):
                 torch.cat([INPUTS, TARGETS], 1),
             )
             order = [columns.index(c) for c in wanted]
-            # Columns already in order are a view: no second copy of the user's rows.
+            # Columns already in order are a view: no second copy of the user's rows. float32 rows
+            # stay float32 (the exact solver widens each batch); float64 ones are rounded for SGD only.
             rows = table[:, : len(order)] if order == list(range(len(order))) else table[:, order]
+            if rows.dtype != torch.float32 and dtype == torch.float32:
+                rows = rows.float()
         if self.limit_rows is not None:
             rows = rows[: self.limit_rows]
         return rows

@@ -11,8 +11,12 @@ plain value; nothing in it is ever executed.
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
+import io
+import itertools
 import json
+import math
 import os
 import pickle
 import sys
@@ -24,33 +28,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cropyield import storage
 from cropyield.errors import CropYieldError
 
 _VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor", "LeastSquaresRegressor")
-_HPARAMS = ("in_features", "out_features", "lr", "l2", "feature_names", "target_names", "standardize")
+_HPARAMS = ("in_features", "out_features", "lr", "l2", "feature_names", "target_names", "standardize", "units")
+_HPARAMS += ("fit_intercept", "cov_type")
+# Checkpoints written before units were recorded: the tutorial's unit when the names are its own.
+_TUTORIAL_NAMES = (["temp", "rainfall", "humidity"], ["apples", "oranges"])
+_TUTORIAL_UNITS = "tons per hectare"
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
     """Loads a checkpoint file safely: integrity-checked, tensors and plain values only.
 
+    ``path`` may be a URL (``s3://bucket/run/checkpoints/last.ckpt``): the object is read into
+    memory through fsspec and checked the same way.
+
     Raises:
         CropYieldError: the file is missing, a directory, truncated or corrupted (a CRC mismatch),
             or holds pickled objects other than tensors and plain values.
     """
-    path = Path(path)
-    if not path.exists():
+    path = storage.location(path)
+    source = io.BytesIO(fetch(path)) if storage.is_url(path) else path
+    if not storage.is_url(path) and not path.exists():
         raise CropYieldError(f"{path}: no such checkpoint file")
-    if path.is_dir():
+    if not storage.is_url(path) and path.is_dir():
         raise CropYieldError(f"{path}: is a directory, not a checkpoint file")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             bad = archive.testzip()  # reads every record and checks its CRC-32
     except Exception as err:  # untrusted bytes: any failure to parse means "not a valid checkpoint"
         raise CropYieldError(f"{path}: not a PyTorch checkpoint, or truncated ({_brief(err)})") from None
     if bad is not None:
         raise CropYieldError(f"{path}: corrupted checkpoint (CRC mismatch in {bad!r}); use another copy")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         what = str(err).split("\n")
         detail = next((line.strip() for line in what if "Unsupported" in line or "global" in line), what[0])
@@ -67,6 +82,31 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 
 def _brief(err: BaseException) -> str:
     return " ".join(str(err).split())[:160] or type(err).__name__
+
+
+def fetch(url: str) -> bytes:
+    """The bytes of a checkpoint object at a URL, through fsspec (s3fs for ``s3://``, the ``cloud`` extra).
+
+    Raises:
+        CropYieldError: no filesystem library for the URL, no such object, a folder, or unreadable.
+    """
+    import fsspec  # a dependency of Lightning, imported only for URLs
+
+    try:
+        fs, key = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise CropYieldError(
+            f"{url}: no filesystem library for this URL ({_brief(err)}); "
+            "install it with: pip install 'cropyield[cloud]'"
+        ) from None
+    try:
+        if fs.isdir(key):
+            raise CropYieldError(f"{url}: is a directory, not a checkpoint file")
+        return fs.cat_file(key)
+    except FileNotFoundError:
+        raise CropYieldError(f"{url}: no such checkpoint file") from None
+    except OSError as err:
+        raise CropYieldError(f"{url}: cannot be read ({_brief(err)})") from None
 
 
 def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -109,6 +149,8 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
             not isinstance(names, (list, tuple)) or len(names) != size or not all(isinstance(n, str) for n in names)
         ):
             raise CropYieldError(f"{path}: {key} must be {size} names, got {names!r:.80}")
+    if kwargs.get("units") is not None and not isinstance(kwargs["units"], str):
+        raise CropYieldError(f"{path}: units must be a string or None, got {kwargs['units']!r:.80}")
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CropYieldError(f"{path}: {name} holds NaN or infinite values; the run that wrote it diverged")
@@ -124,30 +166,41 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
         CropYieldError: the file is missing, not a valid checkpoint, of an inconsistent shape, or
             holds pickled objects.
     """
-    from cropyield import model as models  # Lightning is needed only here
+    import cropyield  # Lightning is needed only here
 
-    path = Path(path)
-    variant, kwargs, state = _spec(path, read_checkpoint(path, map_location))
-    cls = getattr(models, variant)
+    path = storage.location(path)
+    checkpoint = read_checkpoint(path, map_location)
+    variant, kwargs, state = _spec(path, checkpoint)
+    cls = getattr(cropyield, variant)
     accepted = inspect.signature(cls).parameters
     regressor = cls(**{k: v for k, v in kwargs.items() if k in accepted})
     try:
         regressor.load_state_dict(state)
     except RuntimeError as err:
         raise CropYieldError(f"{path}: weights do not fit the model ({' '.join(str(err).split())[:200]})") from None
+    if hasattr(regressor, "load_fit_state"):  # the exact solver's statistics
+        regressor.load_fit_state(_exact_state(checkpoint))
     return regressor.eval()
+
+
+def _exact_state(checkpoint: dict) -> dict | None:
+    meta = checkpoint.get("cropyield")
+    exact = meta.get("exact") if isinstance(meta, dict) else None
+    return exact if isinstance(exact, dict) else None
 
 
 class LinearPredictor(nn.Module):
     """A checkpoint's weights with the same forward arithmetic as the regressor, without Lightning."""
 
-    def __init__(self, state: dict[str, torch.Tensor], hparams: dict) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], hparams: dict, exact: dict | None = None) -> None:
         super().__init__()
+        self.exact = exact  # an exact fit's statistics (intervals), or None
         self.feature_names = list(
             hparams.get("feature_names") or [f"feature_{i}" for i in range(hparams["in_features"])]
         )
         self.target_names = list(hparams.get("target_names") or [f"target_{i}" for i in range(hparams["out_features"])])
         self.standardize = bool(hparams.get("standardize", False))
+        self.units = hparams["units"] if "units" in hparams else legacy_units(self.feature_names, self.target_names)
         self.register_buffer("weight", state["linear.weight"])
         self.register_buffer("bias", state["linear.bias"])
         self.register_buffer("feature_mean", state.get("feature_mean", torch.zeros(self.weight.shape[1])))
@@ -157,11 +210,16 @@ class LinearPredictor(nn.Module):
     def from_checkpoint(
         cls, path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
     ) -> LinearPredictor:
-        path = Path(path)
-        _, kwargs, state = _spec(path, read_checkpoint(path, map_location))
+        path = storage.location(path)
+        checkpoint = read_checkpoint(path, map_location)
+        _, kwargs, state = _spec(path, checkpoint)
         kwargs.setdefault("in_features", state["linear.weight"].shape[1])
         kwargs.setdefault("out_features", state["linear.weight"].shape[0])
-        return cls(state, kwargs).eval()
+        return cls(state, kwargs, _exact_state(checkpoint)).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
@@ -169,22 +227,38 @@ class LinearPredictor(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def legacy_units(feature_names: Sequence[str], target_names: Sequence[str]) -> str | None:
+    """The unit of a checkpoint that records none (written before units were recorded): the
+    tutorial's "tons per hectare" when its names are the tutorial's, else None (unknown)."""
+    return _TUTORIAL_UNITS if [list(feature_names), list(target_names)] == list(_TUTORIAL_NAMES) else None
+
+
 def _names(model: nn.Module, kind: str) -> list[str]:
-    hparams = getattr(model, "hparams", None)
-    names = getattr(model, f"{kind}_names", None) or (hparams or {}).get(f"{kind}_names")
+    names = getattr(model, f"{kind}_names", None) or (getattr(model, "hparams", None) or {}).get(f"{kind}_names")
     return list(names) if names else []
 
 
-def predict(model: nn.Module, rows) -> torch.Tensor:
+def predict(model: nn.Module, rows, interval: float | None = None, kind: str = "prediction"):
     """Predicts yields for rows of inputs: a list of lists, a numpy array or a tensor.
 
+    Args:
+        model: a regressor (``load_regressor``) or a :class:`LinearPredictor`.
+        rows: the inputs, one row per region, in the model's feature order.
+        interval: a level such as 0.95: also return the interval of each prediction, as
+            statsmodels' ``get_prediction(...).summary_frame(alpha=1 - interval)`` (exact fits only).
+        kind: ``"prediction"``: where a new observation falls (``obs_ci_*``); ``"mean"``: the
+            confidence interval of the expected value (``mean_ci_*``).
+
     Returns:
-        A float32 CPU tensor ``[rows, targets]``, one column per target.
+        A float32 CPU tensor ``[rows, targets]``, one column per target; with ``interval``, a
+        :class:`~cropyield.summary.Prediction` with float64 ``.mean``, ``.lower``, ``.upper``.
 
     Raises:
         CropYieldError: the rows are ragged, have the wrong number of values, or hold non-numeric
-            or non-finite values.
+            or non-finite values; with ``interval``, no exact least-squares fit backs the model.
     """
+    if interval is not None:
+        return _with_interval(model, rows, interval, kind)
     try:
         x = torch.as_tensor(rows, dtype=torch.float32)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -198,12 +272,137 @@ def predict(model: nn.Module, rows) -> torch.Tensor:
     if x.ndim != 2 or x.shape[1] != expected:
         named = f" ({', '.join(features)})" if features else ""
         raise CropYieldError(f"expected {expected} values per row{named}, got rows of shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    # A finite sum is the cheap common case; only a non-finite one needs the element-wise look, as
+    # large finite values can overflow a float32 sum. A request's few values are summed in Python:
+    # a torch reduction costs as much as the prediction itself.
+    total = sum(itertools.chain.from_iterable(x.tolist())) if x.numel() <= 64 else x.sum().item()
+    if not math.isfinite(total) and not torch.isfinite(x).all():
         raise CropYieldError("inputs must be finite numbers (found NaN or infinity)")
-    device = next(iter(model.state_dict().values())).device
-    model.eval()
-    with torch.inference_mode():
-        return model(x.to(device)).float().cpu()
+    device = getattr(model, "device", None) or next(itertools.chain(model.parameters(), model.buffers())).device
+    if model.training:
+        model.eval()
+    with torch.inference_mode():  # the conversions are skipped where they would do nothing
+        preds = model(x if x.device == device else x.to(device))
+    preds = preds if preds.dtype == torch.float32 else preds.float()
+    return preds if preds.device.type == "cpu" else preds.cpu()
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FEW_ROWS = 16
+
+
+def rows_tensor(rows, feature_names: Sequence[str]) -> torch.Tensor:
+    """Validates rows decoded from JSON: lists in feature order, or objects keyed by feature name.
+
+    An object's keys other than the feature names are ignored, as ``cropyield-predict --csv``
+    ignores a file's other columns (ids, notes); a missing feature is an error.
+
+    Example:
+        >>> rows = [[75, 63, 44], {"humidity": 44, "temp": 75, "rainfall": 63, "id": 7}]
+        >>> rows_tensor(rows, ["temp", "rainfall", "humidity"])
+        tensor([[75., 63., 44.],
+                [75., 63., 44.]])
+
+    Returns:
+        A float32 tensor ``[rows, features]``.
+
+    Raises:
+        CropYieldError: naming the first bad row and feature (a missing key, a wrong count, a string,
+            ``true``/``false``, NaN, infinity or a number beyond float32's range).
+    """
+    names = list(feature_names)
+    if not isinstance(rows, list) or not rows:
+        raise CropYieldError('"rows" must be a non-empty list of rows')
+    if dict in set(map(type, rows)):
+        rows = [_in_order(i, row, names) if type(row) is dict else row for i, row in enumerate(rows)]
+    if len(rows) <= _FEW_ROWS and all(type(row) is list and len(row) == len(names) for row in rows):
+        # A few rows (most requests): checked value by value in Python, cheaper than torch ops;
+        # the comparison is False for NaN, infinity, beyond float32, and true/false are refused.
+        values = list(itertools.chain.from_iterable(rows))
+        if all(type(v) in (int, float) and -_FLOAT32_MAX <= v <= _FLOAT32_MAX for v in values):
+            return torch.tensor(rows, dtype=torch.float32)
+    try:
+        x = torch.tensor(rows, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        x = None
+    # Many rows: one C conversion and a finite sum. torch reads true/false as 1/0 and names no row,
+    # so a body with either, or any value the conversion refuses, goes through the loop that finds
+    # it (which also clears large finite values whose float32 sum overflowed).
+    if (
+        x is not None
+        and x.shape == (len(rows), len(names))
+        and math.isfinite(x.sum().item())
+        and bool not in set(map(type, itertools.chain.from_iterable(rows)))
+    ):
+        return x
+    problem = _first_problem(rows, names)
+    if problem is not None:
+        raise problem
+    return x if x is not None else torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float32)
+
+
+def _in_order(i: int, row: dict, names: list[str]) -> list:
+    missing = [name for name in names if name not in row]
+    if missing:
+        raise CropYieldError(f"row {i}: missing {missing} (a row holds {names}; other keys are ignored)")
+    return [row[name] for name in names]
+
+
+def _first_problem(rows: list, names: list[str]) -> CropYieldError | None:
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(names):
+            return CropYieldError(f"row {i}: expected {len(names)} values ({', '.join(names)}), got {row!r:.60}")
+        for name, value in zip(names, row, strict=True):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return CropYieldError(f"row {i}, {name}: {value!r:.40} is not a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                return CropYieldError(f"row {i}, {name}: {value} is not a finite number")
+            if abs(value) > _FLOAT32_MAX:
+                shown = f"{value:.4g}" if abs(value) < 1e308 else f"a {len(str(abs(value)))}-digit number"
+                return CropYieldError(f"row {i}, {name}: {shown} is beyond float32's range (3.4e38)")
+    return None
+
+
+def prediction_table(
+    model: nn.Module, rows, interval: float | None = None, kind: str = "prediction"
+) -> tuple[torch.Tensor, list[str]]:
+    """The predictions as columns with their names, as ``cropyield-predict`` and the server give them.
+
+    Without ``interval``: one float32 column per target (``apples, oranges``); with it, float64,
+    each target followed by its bounds (``apples, apples_lower, apples_upper, ...``).
+    """
+    preds = predict(model, rows)
+    if interval is None:
+        return preds, list(model.target_names)
+    bounds = predict(model, rows, interval=interval, kind=kind)
+    preds = torch.stack([preds.double(), bounds.lower, bounds.upper], dim=2).reshape(len(preds), -1)
+    return preds, [f"{n}{suffix}" for n in model.target_names for suffix in ("", "_lower", "_upper")]
+
+
+def records(preds: torch.Tensor, target_names: Sequence[str]) -> list[dict[str, float]]:
+    """Predictions as JSON-ready objects, one per row: ``[{"apples": ..., "oranges": ...}, ...]``."""
+    names = list(target_names)
+    return [dict(zip(names, row, strict=True)) for row in preds.tolist()]
+
+
+def _with_interval(model: nn.Module, rows, level: float, kind: str):
+    from cropyield.summary import prediction_intervals
+
+    state = model.exact if isinstance(model, LinearPredictor) else None
+    if state is None and callable(getattr(model, "fit_state", None)) and getattr(model, "factor", None) is not None:
+        state = model.fit_state()
+    if state is None:
+        raise CropYieldError(
+            "prediction intervals need an exact least-squares fit (LeastSquaresRegressor, l2=0); this model has none"
+        )
+    try:
+        x = torch.as_tensor(rows, dtype=torch.float64)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise CropYieldError(
+            f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
+        ) from None
+    predict(model, x)  # the same checks of the rows as without an interval
+    return prediction_intervals(state, x.reshape(-1, x.shape[-1]) if x.ndim == 1 else x, level, kind)
 
 
 def _parse_values(values: Sequence[str], count: int) -> list[list[float]]:
@@ -220,14 +419,121 @@ def _parse_values(values: Sequence[str], count: int) -> list[list[float]]:
     return [numbers[i : i + count] for i in range(0, len(numbers), count)]
 
 
-def _write_csv(path: Path, header: list[str], rows: torch.Tensor) -> None:
-    # Written beside the target, then renamed over it: an error never leaves a half-written file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(",".join(header) + "\n")
-        for row in rows.tolist():
-            f.write(",".join(repr(v) for v in row) + "\n")
-    os.replace(tmp, path)
+def _refuse_overwriting(out: str, inputs: dict[str, str | None]) -> None:
+    """``--out`` must name neither input: the same path, or another name of the same file (a link)."""
+    for what, given in inputs.items():
+        if given is None:
+            continue
+        same = os.path.realpath(out) == os.path.realpath(given)
+        if not same and os.path.exists(out) and os.path.exists(given):
+            same = os.path.samefile(out, given)
+        if same:
+            raise CropYieldError(f"--out {out} is the {what} ({given}); write the predictions to another file")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it over ``path``:
+    an error or a crash never leaves a half-written file, nor replaces an existing one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CropYieldError(f"--out {path}: cannot be written ({_brief(err)})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fields(values: Sequence[str]) -> str:
+    """CSV fields joined by commas, quoted where needed (a name holding a comma or a quote)."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="").writerow(values)
+    return text.getvalue()
+
+
+def _prediction_names(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
+    """The prediction columns' names, all prefixed ``predicted_`` (again, while needed) when the
+    input already has a column of one of their names (a file with the targets in it)."""
+    names = list(names)
+    while set(names) & set(inputs):
+        names = [f"predicted_{name}" for name in names]
+    return names
+
+
+def _csv_records(path: str):
+    """The records of a CSV file as ``(raw text without its line end, line end)``, the header first.
+
+    The raw text is what the file holds, byte for byte (a quoted field spanning lines included);
+    blank lines, which are no record, are skipped as the readers skip them.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        consumed: list[str] = []
+
+        def lines():
+            for line in f:
+                consumed.append(line)
+                yield line
+
+        for row in csv.reader(lines()):
+            raw = "".join(consumed)
+            consumed.clear()
+            if not row:
+                continue
+            body = raw.rstrip("\r\n")
+            yield body, raw[len(body) :] or "\n"
+
+
+def _write_out(out: Path, args: argparse.Namespace, model: LinearPredictor, preds: torch.Tensor, targets) -> None:
+    """``--out``: every input column as the input wrote it, then the ``targets`` columns of ``preds``
+    (one per target, with its interval's bounds after it under ``--interval``)."""
+    values = [[repr(v) for v in row] for row in preds.tolist()]
+    if not args.csv:  # values from the command line: the text as typed
+        n = len(model.feature_names)
+        typed = [args.values[i : i + n] for i in range(0, len(args.values), n)]
+        header = model.feature_names + _prediction_names(targets, model.feature_names)
+        lines = [_fields(header)] + [_fields(x + p) for x, p in zip(typed, values, strict=True)]
+        _atomic_write(out, lambda f: f.write("\n".join(lines) + "\n"))
+        return
+    from cropyield.files import read_columns
+
+    names = _prediction_names(targets, read_columns(args.csv))
+    if Path(args.csv).suffix.lower() != ".csv":
+        _atomic_write(out, lambda f: _write_parquet_rows(f, args.csv, names, values))
+        return
+
+    def write(f) -> None:
+        records = _csv_records(args.csv)
+        body, end = next(records)
+        f.write(f"{body},{_fields(names)}{end}")
+        count = 0
+        for (body, end), p in zip(records, values, strict=False):
+            f.write(f"{body},{','.join(p)}{end}")
+            count += 1
+        if count != len(values) or next(records, None) is not None:
+            raise CropYieldError(f"{args.csv}: its records do not match the {len(values)} rows read (did it change?)")
+
+    _atomic_write(out, write)
+
+
+def _write_parquet_rows(f, path: str, names: list[str], values: list[list[str]]) -> None:
+    """A Parquet file's every column, as Arrow writes each value as text, then the predictions."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow([*table.column_names, *names])
+    columns = []
+    for column in table.columns:
+        try:
+            columns.append(pc.cast(column, "string").to_pylist())
+        except Exception:  # nested types have no cast to text: Python's text of the value
+            columns.append([None if v is None else str(v) for v in column.to_pylist()])
+    for i, p in enumerate(values):
+        writer.writerow([*("" if c[i] is None else c[i] for c in columns), *p])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -246,9 +552,28 @@ def _parser() -> argparse.ArgumentParser:
         "values", nargs="*", help="input values, one group per region, in the checkpoint's feature order"
     )
     parser.add_argument("--csv", help="read regions from this CSV/Parquet file, columns chosen by feature name")
-    parser.add_argument("--out", help="write a CSV: the input columns plus one column per target")
+    parser.add_argument(
+        "--out",
+        help="write a CSV: every input column as the input wrote it, then one column per target "
+        "(all prefixed predicted_ when the input has a column of one of their names); never the input file",
+    )
     parser.add_argument("--json", action="store_true", help="print only a JSON array, one object per region")
-    parser.add_argument("--units", default="tons per hectare", help="unit printed after the yields")
+    parser.add_argument(
+        "--units", help="unit printed after the yields (default: the one the checkpoint records; '' for none)"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        metavar="LEVEL",
+        help="also give each prediction's interval at this level (e.g. 0.95): <target>_lower and <target>_upper "
+        "(exact least-squares checkpoints only)",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("prediction", "mean"),
+        default="prediction",
+        help="with --interval: where a new observation falls (prediction) or the expected value (mean)",
+    )
     return parser
 
 
@@ -263,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.out:
+        _refuse_overwriting(args.out, {"--csv input": args.csv, "checkpoint": args.ckpt})
     model = LinearPredictor.from_checkpoint(args.ckpt)
     if args.csv and args.values:
         raise CropYieldError("give input values or --csv, not both")
@@ -272,15 +599,20 @@ def _run(args: argparse.Namespace) -> None:
         rows = torch.from_numpy(read_table(args.csv, model.feature_names))
     else:
         rows = torch.tensor(_parse_values(args.values, len(model.feature_names)))
-    preds = predict(model, rows)
+    preds, names = prediction_table(model, rows, args.interval, args.kind)
     if args.out:
-        _write_csv(Path(args.out), model.feature_names + model.target_names, torch.cat([rows, preds], dim=1))
+        _write_out(Path(args.out), args, model, preds, names)
+    units = model.units if args.units is None else args.units
     if args.json:
-        print(json.dumps([dict(zip(model.target_names, p, strict=True)) for p in preds.tolist()]))
+        print(json.dumps(records(preds, names)))
     elif not args.out:
+        step = 3 if args.interval is not None else 1
         for x, p in zip(rows.tolist(), preds.tolist(), strict=True):
             inputs = ", ".join(f"{n}={v:g}" for n, v in zip(model.feature_names, x, strict=True))
-            yields = ", ".join(f"{n} {v:.2f}" for n, v in zip(model.target_names, p, strict=True))
-            print(f"{inputs} -> {yields} ({args.units})")
+            yields = ", ".join(
+                f"{n} {p[i * step]:.2f}" + (f" [{p[i * step + 1]:.2f}, {p[i * step + 2]:.2f}]" if step == 3 else "")
+                for i, n in enumerate(model.target_names)
+            )
+            print(f"{inputs} -> {yields}" + (f" ({units})" if units else ""))
     else:
         print(f"wrote {len(preds)} predictions to {args.out}")

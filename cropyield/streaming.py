@@ -37,7 +37,7 @@ import torch
 from cropyield.batches import EpochCounter, Resumable
 from cropyield.errors import CropYieldError
 from cropyield.files import Piece, read_piece
-from cropyield.reference import Moments
+from cropyield.reference import QRFactor
 
 DEFAULT_SHUFFLE_BUFFER = 1 << 20
 _END = object()
@@ -122,9 +122,12 @@ def _fixed_mmap_threshold() -> None:
 class StreamSource:
     """The pieces of a data set and which of their rows train and which are held out."""
 
-    def __init__(self, pieces: Sequence[Piece], columns: Sequence[str], val_fraction: float, seed: int) -> None:
+    def __init__(
+        self, pieces: Sequence[Piece], columns: Sequence[str], val_fraction: float, seed: int, dtype=torch.float32
+    ) -> None:
         _fixed_mmap_threshold()
         self.pieces, self.columns = list(pieces), list(columns)
+        self.dtype = np.float64 if dtype == torch.float64 else np.float32  # float64: the exact solver's reads
         self.val_fraction, self.seed = val_fraction, seed
         held = [int(held_out(p, seed, val_fraction).sum()) for p in self.pieces]
         self.train_counts = [p.rows - h for p, h in zip(self.pieces, held, strict=True)]
@@ -133,23 +136,24 @@ class StreamSource:
     def read(self, index: int, part: str = "train") -> np.ndarray:
         """One piece's rows: ``train`` (not held out), ``val`` (held out; all rows when nothing is) or ``all``."""
         piece = self.pieces[index]
-        rows = read_piece(piece, self.columns)
+        rows = read_piece(piece, self.columns, self.dtype if part == "train" else np.float32)
         if part == "all" or self.val_fraction <= 0:
             return rows
         mask = held_out(piece, self.seed, self.val_fraction)
         return rows[mask if part == "val" else ~mask]
 
-    def statistics(self, rank: int = 0, world_size: int = 1) -> Moments:
-        """The training rows' :class:`Moments` in one streaming pass; this process reads every
-        ``world_size``-th piece and the summaries are merged across processes, in rank order."""
+    def statistics(self, num_features: int, rank: int = 0, world_size: int = 1) -> QRFactor:
+        """The training rows' :class:`QRFactor` in one streaming pass; this process reads every
+        ``world_size``-th piece and the factors are merged across processes, in rank order."""
         mine = [i for i in range(len(self.pieces)) if i % world_size == rank and self.train_counts[i]]
-        parts = [Moments.of_table(torch.from_numpy(rows), 1 << 16) for rows in read_ahead(mine, self.read)]
-        local = reduce(Moments.merge, parts, Moments.empty(len(self.columns)))
+        local = QRFactor.empty(num_features, len(self.columns) - num_features)
+        for rows in read_ahead(mine, self.read):
+            local = local.update(torch.from_numpy(rows))
         if world_size == 1:
             return local
         gathered: list = [None] * world_size
-        torch.distributed.all_gather_object(gathered, (local.count, local.mean, local.comoment))
-        return reduce(Moments.merge, (Moments(*state) for state in gathered))
+        torch.distributed.all_gather_object(gathered, local)
+        return reduce(QRFactor.merge, gathered)
 
 
 def deal(counts: Sequence[int], order: Iterable[int], world_size: int) -> list[list[int]]:
