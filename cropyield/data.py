@@ -8,6 +8,11 @@ Which path serves the rows:
 - ``streaming=True``: rows read piece by piece from the files, never all at once
   (:mod:`cropyield.streaming`);
 - the exact solver (a model with ``exact_pass``): every training row once, in order.
+
+The first two are a :class:`~cropyield.sources.TableSource`, streaming a
+:class:`~cropyield.sources.StreamedSource`: the module builds one per stage and calls it once per
+hook. Categorical columns are encoded and rows with a missing cell dropped before the rows reach
+a source (:mod:`cropyield.encoding`).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from collections.abc import Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from cropyield.batches import Chunks, EpochPermutation, GatheredBatches, SlicedBatches
+from cropyield.batches import Chunks, Resumable
+from cropyield.cells import text_columns
+from cropyield.encoding import DEFAULT_MAX_LEVELS, MISSING_CHOICES, Encoding
 from cropyield.errors import CropYieldError
-from cropyield.files import check_columns, data_files, list_pieces, read_columns, read_piece, read_table
+from cropyield.files import check_columns, data_files, read_columns
 from cropyield.reference import Moments
-from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER, StreamedBatches, StreamedRows, StreamSource
+from cropyield.sources import Layout, LoaderOptions, RowReader, RowSource, TableSource
+from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
 # built-ins section. The first 5 rows are the from-scratch section's data.
@@ -45,7 +52,6 @@ FEATURE_NAMES = ("temp", "rainfall", "humidity")
 TARGET_NAMES = ("apples", "oranges")
 
 FAST_PATH_MIN_ROWS = 50_000
-MIN_ROWS = 2
 
 
 class CropYieldDataModule(L.LightningDataModule):
@@ -69,7 +75,8 @@ class CropYieldDataModule(L.LightningDataModule):
             that fraction is drawn; streaming, each row is held out by a hash of its file and position.
         limit_rows: use only the first N rows (5 gives the tutorial's from-scratch data).
         standardize: compute per-feature mean and std on the training rows; a model created with
-            ``standardize=True`` stores them and standardizes its inputs.
+            ``standardize=True`` stores them and standardizes its inputs (numeric columns only:
+            the 0/1 columns of categorical ones stay as they are).
         seed: seed of the held-out split and of the fast path's shuffling. None takes the global
             seed (the one ``seed_everything`` set) when the data is set up.
         fast_path_min_rows: from this many training rows on, batches are gathered from one tensor
@@ -85,6 +92,15 @@ class CropYieldDataModule(L.LightningDataModule):
             rows a call, at most 64 batches, a divisor of ``every_n_train_steps``); 1 turns it off.
             Only cropyield's own ``training_step`` does this: a subclass that overrides it gets
             one batch per call.
+        categorical_names: input columns encoded as categories (treatment coding: levels sorted,
+            the first the reference, one 0/1 column ``Item[T.Potatoes]`` per other level). Default:
+            every input column whose values are text; a numeric column such as ``Year`` may be named.
+            The levels are learned from the training rows in one pass that reads only these columns.
+        max_levels: the most distinct values a categorical column may hold (more is an error: an
+            identifier column is not a category).
+        missing: ``error`` (a missing cell stops with its file, row and column) or ``drop`` (rows
+            with an empty, NaN or null cell in a used column are left out of training, validation
+            and the statistics; one line says how many, per column).
     """
 
     _memory: tuple[tuple[str, ...], torch.Tensor] | None = None  # (column names, rows), from_tensors
@@ -105,6 +121,9 @@ class CropYieldDataModule(L.LightningDataModule):
         streaming: bool = False,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         steps_per_call: int | None = None,
+        categorical_names: Sequence[str] | None = None,
+        max_levels: int = DEFAULT_MAX_LEVELS,
+        missing: str = "error",
     ) -> None:
         super().__init__()
         if data_path is not None and csv_path is not None:
@@ -119,6 +138,10 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"steps_per_call must be at least 1, got {steps_per_call}")
         if shuffle_buffer < 1:
             raise CropYieldError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
+        if missing not in MISSING_CHOICES:
+            raise CropYieldError(f"missing must be one of {list(MISSING_CHOICES)}, got {missing!r}")
+        if max_levels < 1:
+            raise CropYieldError(f"max_levels must be at least 1, got {max_levels}")
         path = data_path if data_path is not None else csv_path
         if streaming and path is None:
             raise CropYieldError("streaming=True reads files: give data_path (a file or a folder)")
@@ -133,6 +156,8 @@ class CropYieldDataModule(L.LightningDataModule):
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
         self.steps_per_call = steps_per_call
+        self.max_levels = max_levels
+        self.missing = missing
 
         if self.data_path is not None:
             # The headers are read now, so a bad path or column fails before a Trainer exists.
@@ -146,22 +171,30 @@ class CropYieldDataModule(L.LightningDataModule):
         check_columns(source, self.target_names, columns)
         if feature_names is None:
             feature_names = [c for c in columns if c not in self.target_names]
-        self.feature_names = tuple(feature_names)
-        check_columns(source, self.feature_names, columns)
-        overlap = sorted(set(self.feature_names) & set(self.target_names))
+        self.input_names = tuple(feature_names)  # the raw input columns; feature_names are the encoded ones
+        check_columns(source, self.input_names, columns)
+        overlap = sorted(set(self.input_names) & set(self.target_names))
         if overlap:
             raise CropYieldError(f"column(s) {overlap} cannot be both a feature and a target")
-        if not self.feature_names or not self.target_names:
+        if not self.input_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
+        if categorical_names is None:
+            categorical_names = text_columns(self._files[0], self.input_names) if self.data_path else ()
+        unknown = [c for c in categorical_names if c not in self.input_names]
+        if unknown:
+            raise CropYieldError(f"categorical_names {unknown} are not feature columns ({list(self.input_names)})")
+        self.categorical_names = tuple(c for c in self.input_names if c in categorical_names)
         self._columns = tuple(columns)
+        layout = Layout(self.input_names, self.target_names, self.categorical_names, missing)
+        memory = self._memory or ((*FEATURE_NAMES, *TARGET_NAMES), torch.cat([INPUTS, TARGETS], 1))
+        files = self._files if self.data_path is not None else None
+        self._reader = RowReader(source, files, memory, layout, limit_rows, val_fraction, streaming, max_levels)
+        self._encoding: Encoding | None = None if self.categorical_names else Encoding(self.input_names)
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
-        self._train: torch.Tensor | None = None  # [rows, features + targets]
-        self._eval: torch.Tensor | None = None  # validation/test rows, same layout
-        self._predict: torch.Tensor | None = None  # [rows, features (+ targets when present)]
+        self._source: RowSource | None = None
+        self._predict_source: RowSource | None = None
         self._statistics: Moments | None = None
-        self._stream: StreamSource | None = None  # streaming: the pieces and the split
-        self._predict_stream: StreamSource | None = None
 
     @classmethod
     def from_tensors(
@@ -195,6 +228,19 @@ class CropYieldDataModule(L.LightningDataModule):
         return dm
 
     @property
+    def encoding(self) -> Encoding:
+        """How the raw input columns become the model's features; with categorical columns, the
+        first use learns their levels from the training rows (one pass)."""
+        if self._encoding is None:
+            self._encoding = self._reader.learn(self._seed())
+        return self._encoding
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The model's input columns: the numeric inputs and the categorical ones' 0/1 columns."""
+        return self.encoding.feature_names
+
+    @property
     def num_features(self) -> int:
         return len(self.feature_names)
 
@@ -203,128 +249,73 @@ class CropYieldDataModule(L.LightningDataModule):
         return len(self.target_names)
 
     @property
+    def dropped(self) -> str | None:
+        """With ``missing="drop"``: the line saying how many rows a missing cell left out, per column."""
+        return self._reader.dropped
+
+    @property
     def uses_fast_path(self) -> bool:
-        return self._train is not None and len(self._train) >= self.fast_path_min_rows
+        return isinstance(self._source, TableSource) and self._source.uses_fast_path
 
     def setup(self, stage: str) -> None:
-        if self.streaming:
-            self._setup_streaming(stage)
-            return
         if stage == "predict":
-            if self._predict is None:
-                self._predict = self._load(targets_required=False)
+            if self._predict_source is None:
+                self._predict_source = self._make_source(stage)
             return
-        if self._train is not None:
+        if self._source is not None:
             return
-        rows = self._load(targets_required=True)
-        n_val = round(len(rows) * self.val_fraction)
-        # Two rows at least on each side: R² is undefined on one.
-        if len(rows) < MIN_ROWS or (self.val_fraction > 0 and not MIN_ROWS <= n_val <= len(rows) - MIN_ROWS):
-            split = f" to hold out val_fraction={self.val_fraction}" if self.val_fraction else ""
-            raise CropYieldError(
-                f"{self._source_name()}: {len(rows)} rows are too few{split} (need at least {MIN_ROWS} rows for "
-                f"training and, when held out, {MIN_ROWS} for validation)"
-            )
-        if n_val:
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self._seed()))
-            self._eval = rows[order[:n_val].sort().values]
-            self._train = rows[order[n_val:].sort().values]
-        else:
-            self._train = self._eval = rows
-        if self.standardize:
-            mean, std = self.statistics().feature_scale(self.num_features)
-            self.feature_mean, self.feature_std = mean.float(), std.float()
-
-    def _setup_streaming(self, stage: str) -> None:
-        if stage == "predict":
-            if self._predict_stream is None:
-                wanted = self._wanted(targets_required=False)
-                pieces = list_pieces(self._files, wanted, self.limit_rows)
-                self._predict_stream = StreamSource(pieces, wanted, 0.0, self._seed())
-            return
-        if self._stream is not None:
-            return
-        wanted = self._wanted(targets_required=True)
-        pieces = list_pieces(self._files, wanted, self.limit_rows)
-        self._stream = StreamSource(pieces, wanted, self.val_fraction, self._seed())
-        train, held = sum(self._stream.train_counts), sum(p.rows for p in pieces) - sum(self._stream.train_counts)
-        if train < MIN_ROWS or (self.val_fraction > 0 and held < MIN_ROWS):
-            raise CropYieldError(
-                f"{self.data_path}: {train} training and {held} held-out rows are too few (need at least "
-                f"{MIN_ROWS} of each)"
-            )
+        if self._encoding is None:  # here every process is present: each reads its share of the pieces
+            self._encoding = self._reader.learn(self._seed(), *self._rank_and_world())
+        self._source = self._make_source(stage)
+        self._agree_across_processes()
+        if self.dropped and (self.trainer is None or self.trainer.is_global_zero):
+            print(self.dropped, flush=True)
         if self.standardize and self.feature_mean is None:
             mean, std = self.statistics().feature_scale(self.num_features)
-            self.feature_mean, self.feature_std = mean.float(), std.float()
+            numeric = torch.from_numpy(self.encoding.numeric)
+            self.feature_mean = torch.where(numeric, mean, 0).float()
+            self.feature_std = torch.where(numeric, std, 1).float()
 
     def statistics(self) -> Moments:
         """Float64 count, means and co-moments of the training rows ``[features | targets]``, computed
         once: the least-squares optimum, ``standardize`` and the stable-step check all use them.
         Streaming, they take one pass over the files (each process reads its share under DDP)."""
         if self._statistics is None:
-            if self._stream is not None:
-                rank, world = self._rank_and_world()
-                self._statistics = self._stream.statistics(rank, world)
-            elif self._train is not None:
-                self._statistics = Moments.of_table(self._train)
-            else:
+            if self._source is None:
                 raise RuntimeError("call setup('fit') first")
+            self._statistics = self._source.statistics(*self._rank_and_world())
         return self._statistics
 
     @property
     def statistics_in_hand(self) -> bool:
         """Whether :meth:`statistics` costs no pass over files: computed already, or rows in memory."""
-        return self._statistics is not None or self._stream is None
+        return self._statistics is not None or not getattr(self._source, "statistics_cost_a_pass", False)
 
     def training_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training inputs and targets (views into one table); call after ``setup("fit")``.
         Not available when streaming: the rows are never all in memory."""
-        if self._train is None:
+        if not isinstance(self._source, TableSource):
             raise RuntimeError("call setup('fit') first" + ("; not available when streaming" * self.streaming))
-        return self._train[:, : self.num_features], self._train[:, self.num_features :]
+        train = self._source.train
+        return train[:, : self.num_features], train[:, self.num_features :]
 
     def train_dataloader(self):
         exact = getattr(self.trainer and self.trainer.lightning_module, "exact_pass", False)
-        if self._stream is not None:
-            rank, world = self._rank_and_world()
-            loader = StreamedBatches(
-                self._stream, self.num_features, self.batch_size, self.shuffle, self._seed(), rank, world,
-                exact_pass=exact, shuffle_buffer=self.shuffle_buffer,
-            )  # fmt: skip
-            return self._chunked(loader)
-        if exact:
-            # The exact solver reads every training row once, each process a disjoint share.
-            rank, world = self._rank_and_world()
-            return SlicedBatches(self._train, self.num_features, self.batch_size, rank, world)
-        if self.uses_fast_path:
-            rank, world = self._rank_and_world()
-            device = self.trainer.strategy.root_device if self.trainer is not None else None
-            if device is not None and self._train.device != device:
-                self._train = self._train.to(device)  # once: batches are then gathered on the device
-            sampler = EpochPermutation(
-                len(self._train),
-                self.batch_size,
-                self.shuffle,
-                self._seed(),
-                rank,
-                world,
-            )
-            return self._chunked(GatheredBatches(self._train, self.num_features, sampler))
-        inputs, targets = self.training_rows()
-        return DataLoader(
-            TensorDataset(inputs.contiguous(), targets.contiguous()),
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        options = LoaderOptions(
+            self.batch_size, self.shuffle, self._seed(), self.fast_path_min_rows, self.shuffle_buffer
         )
+        loader = self._ready(self._source).train_loader(options, *self._rank_and_world(), exact=exact, device=device)
+        return self._chunked(loader) if isinstance(loader, Resumable) else loader
 
     def val_dataloader(self):
-        return self._ordered(self._eval, self.num_features, self._stream)
+        return self._ready(self._source).eval_loader(self.batch_size, *self._rank_and_world())
 
     def test_dataloader(self):
-        return self._ordered(self._eval, self.num_features, self._stream)
+        return self._ready(self._source).eval_loader(self.batch_size, *self._rank_and_world())
 
     def predict_dataloader(self):
-        return self._ordered(self._predict, self.num_features, self._predict_stream, part="all")
+        return self._ready(self._predict_source).eval_loader(self.batch_size, *self._rank_and_world())
 
     def state_dict(self) -> dict:
         # The tutorial's loader shuffles with the global RNG: saving its state lets a resumed run
@@ -354,56 +345,38 @@ class CropYieldDataModule(L.LightningDataModule):
             loader.progress = lambda: progress.ready
         return loader
 
-    def _ordered(self, rows: torch.Tensor | None, num_features: int, stream: StreamSource | None, part: str = "val"):
-        if stream is not None:
-            rank, world = self._rank_and_world()
-            return StreamedRows(stream, num_features, self.batch_size, part, rank, world)
-        if rows is None:
+    @staticmethod
+    def _ready(source: RowSource | None) -> RowSource:
+        if source is None:
             raise RuntimeError("call setup() first")
-        if len(rows) >= self.fast_path_min_rows:
-            rank, world = self._rank_and_world()
-            return SlicedBatches(rows, num_features, self.batch_size, rank, world)
-        tensors = [rows[:, :num_features].contiguous()]
-        if rows.shape[1] > num_features:
-            tensors.append(rows[:, num_features:].contiguous())
-        # Its own generator: an iterator of a loader without one draws a seed from the global RNG,
-        # which would shift the next training shuffle away from the tutorial's.
-        return DataLoader(
-            TensorDataset(*tensors), batch_size=self.batch_size, shuffle=False, generator=torch.Generator()
-        )
+        return source
+
+    def _make_source(self, stage: str) -> RowSource:
+        seed = self._seed()
+        if stage != "predict":
+            return self._reader.fit_source(self.encoding, seed, self.fast_path_min_rows)
+        # Prediction encodes as the model was trained: with the checkpoint's levels, when it has them.
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        spec = getattr(model, "encoding", None)
+        encoding = Encoding.from_dict(spec) if spec else self.encoding
+        targets = self.target_names if all(t in self._columns for t in self.target_names) else ()
+        return self._reader.predict_source(encoding, targets, seed, self.fast_path_min_rows)
+
+    def _agree_across_processes(self) -> None:
+        """Under DDP every process must encode alike: the levels are gathered and compared."""
+        if self.trainer is None or self.trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return
+        gathered: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, self.encoding.to_dict())  # every process is here
+        for rank, other in enumerate(gathered):
+            if other != gathered[0]:
+                raise CropYieldError(
+                    f"process {rank} found other categorical levels than process 0 ({other['levels']} vs "
+                    f"{gathered[0]['levels']}): every process must read the same data"
+                )
 
     def _source_name(self) -> str:
         return self.data_path or ("the given tensors" if self._memory else "the embedded data")
-
-    def _wanted(self, targets_required: bool) -> list[str]:
-        wanted = list(self.feature_names)
-        if targets_required or all(t in self._columns for t in self.target_names):
-            wanted += self.target_names
-        return wanted
-
-    def _load(self, targets_required: bool) -> torch.Tensor:
-        wanted = self._wanted(targets_required)
-        if self.data_path is not None and len(self._files) == 1:
-            rows = torch.from_numpy(read_table(self._files[0], wanted))
-        elif self.data_path is not None:  # a folder: its pieces, each copied once into one table
-            pieces = list_pieces(self._files, wanted, self.limit_rows)
-            table = np.empty((sum(p.rows for p in pieces), len(wanted)), dtype=np.float32)
-            start = 0
-            for piece in pieces:
-                table[start : start + piece.rows] = read_piece(piece, wanted)
-                start += piece.rows
-            rows = torch.from_numpy(table)
-        else:
-            columns, table = self._memory or (
-                (*FEATURE_NAMES, *TARGET_NAMES),
-                torch.cat([INPUTS, TARGETS], 1),
-            )
-            order = [columns.index(c) for c in wanted]
-            # Columns already in order are a view: no second copy of the user's rows.
-            rows = table[:, : len(order)] if order == list(range(len(order))) else table[:, order]
-        if self.limit_rows is not None:
-            rows = rows[: self.limit_rows]
-        return rows
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else torch.initial_seed() % 2**63
