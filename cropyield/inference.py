@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError
 
 _VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor", "LeastSquaresRegressor")
@@ -112,6 +113,11 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CropYieldError(f"{path}: {name} holds NaN or infinite values; the run that wrote it diverged")
+    if meta.get("encoding") is not None:  # categorical columns: the raw columns and every level
+        encoding = Encoding.from_dict(meta["encoding"], f"{path}: encoding")
+        if kwargs.get("feature_names") is not None and list(encoding.feature_names) != list(kwargs["feature_names"]):
+            raise CropYieldError(f"{path}: its encoding's columns are not its feature_names")
+        kwargs["encoding"] = encoding.to_dict()
     return variant, kwargs, state
 
 
@@ -135,6 +141,7 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
         regressor.load_state_dict(state)
     except RuntimeError as err:
         raise CropYieldError(f"{path}: weights do not fit the model ({' '.join(str(err).split())[:200]})") from None
+    regressor.encoding = kwargs.get("encoding")
     return regressor.eval()
 
 
@@ -148,6 +155,8 @@ class LinearPredictor(nn.Module):
         )
         self.target_names = list(hparams.get("target_names") or [f"target_{i}" for i in range(hparams["out_features"])])
         self.standardize = bool(hparams.get("standardize", False))
+        self.encoding = hparams.get("encoding")  # raw columns and categorical levels, or None
+        self.input_names = list(self.encoding["columns"]) if self.encoding else self.feature_names
         self.register_buffer("weight", state["linear.weight"])
         self.register_buffer("bias", state["linear.bias"])
         self.register_buffer("feature_mean", state.get("feature_mean", torch.zeros(self.weight.shape[1])))
@@ -175,19 +184,45 @@ def _names(model: nn.Module, kind: str) -> list[str]:
     return list(names) if names else []
 
 
+def encode_inputs(model: nn.Module, rows) -> torch.Tensor:
+    """The model's input tensor for raw rows: lists of values in the input columns' order, or dicts
+    keyed by column name; categorical values (strings) are encoded as training did.
+
+    Raises:
+        CropYieldError: a row of the wrong length or keys, a missing cell, a value that is not a
+            number in a numeric column, or a level the training data did not have (naming the
+            row, the column and the value).
+    """
+    spec = getattr(model, "encoding", None)
+    encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(_names(model, "feature")))
+    return torch.from_numpy(encoding.encode_rows(rows))
+
+
+def _raw_rows(model: nn.Module, rows) -> bool:
+    """Whether rows need :func:`encode_inputs`: the model has categorical columns, or rows are dicts."""
+    if getattr(model, "encoding", None):
+        return True
+    first = rows[0] if isinstance(rows, (list, tuple)) and rows else rows
+    return isinstance(rows, dict) or isinstance(first, dict)
+
+
 def predict(model: nn.Module, rows) -> torch.Tensor:
-    """Predicts yields for rows of inputs: a list of lists, a numpy array or a tensor.
+    """Predicts yields for rows of inputs: a list of lists, a list of dicts keyed by column name,
+    a numpy array or a tensor. A model with categorical columns takes the raw columns, strings
+    included (``[["Potatoes", 1485.0, 121.0, 16.4]]``), and encodes them as training did.
 
     Returns:
         A float32 CPU tensor ``[rows, targets]``, one column per target.
 
     Raises:
         CropYieldError: the rows are ragged, have the wrong number of values, or hold non-numeric
-            or non-finite values.
+            or non-finite values, a missing cell or an unseen level.
     """
     try:
-        x = torch.as_tensor(rows, dtype=torch.float32)
+        x = encode_inputs(model, rows) if _raw_rows(model, rows) else torch.as_tensor(rows, dtype=torch.float32)
     except (ValueError, TypeError, RuntimeError) as err:
+        if isinstance(err, CropYieldError):
+            raise
         raise CropYieldError(
             f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
         ) from None
@@ -220,13 +255,15 @@ def _parse_values(values: Sequence[str], count: int) -> list[list[float]]:
     return [numbers[i : i + count] for i in range(0, len(numbers), count)]
 
 
-def _write_csv(path: Path, header: list[str], rows: torch.Tensor) -> None:
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     # Written beside the target, then renamed over it: an error never leaves a half-written file.
+    import csv
+
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(",".join(header) + "\n")
-        for row in rows.tolist():
-            f.write(",".join(repr(v) for v in row) + "\n")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([v if isinstance(v, str) else repr(v) for v in row] for row in rows)
     os.replace(tmp, path)
 
 
@@ -266,21 +303,54 @@ def _run(args: argparse.Namespace) -> None:
     model = LinearPredictor.from_checkpoint(args.ckpt)
     if args.csv and args.values:
         raise CropYieldError("give input values or --csv, not both")
-    if args.csv:
-        from cropyield.files import read_table
-
-        rows = torch.from_numpy(read_table(args.csv, model.feature_names))
+    if model.encoding:  # raw columns in, strings included; encoded as training did
+        rows = _raw_csv(args.csv, model) if args.csv else _groups(args.values, len(model.input_names))
+        preds = predict(model, rows)
     else:
-        rows = torch.tensor(_parse_values(args.values, len(model.feature_names)))
-    preds = predict(model, rows)
+        if args.csv:
+            from cropyield.files import read_table
+
+            rows = torch.from_numpy(read_table(args.csv, model.feature_names))
+        else:
+            rows = torch.tensor(_parse_values(args.values, len(model.feature_names)))
+        preds = predict(model, rows)
+        rows = rows.tolist()
     if args.out:
-        _write_csv(Path(args.out), model.feature_names + model.target_names, torch.cat([rows, preds], dim=1))
+        _write_csv(Path(args.out), model.input_names + model.target_names,
+                   [[*x, *p] for x, p in zip(rows, preds.tolist(), strict=True)])  # fmt: skip
     if args.json:
         print(json.dumps([dict(zip(model.target_names, p, strict=True)) for p in preds.tolist()]))
     elif not args.out:
-        for x, p in zip(rows.tolist(), preds.tolist(), strict=True):
-            inputs = ", ".join(f"{n}={v:g}" for n, v in zip(model.feature_names, x, strict=True))
+        for x, p in zip(rows, preds.tolist(), strict=True):
+            inputs = ", ".join(f"{n}={_shown(v)}" for n, v in zip(model.input_names, x, strict=True))
             yields = ", ".join(f"{n} {v:.2f}" for n, v in zip(model.target_names, p, strict=True))
             print(f"{inputs} -> {yields} ({args.units})")
     else:
         print(f"wrote {len(preds)} predictions to {args.out}")
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def _groups(values: Sequence[str], count: int) -> list[list[str]]:
+    if not values or len(values) % count:
+        raise CropYieldError(f"expected groups of {count} values (one group per region), got {len(values)} value(s)")
+    return [list(values[i : i + count]) for i in range(0, len(values), count)]
+
+
+def _raw_csv(path: str, model: LinearPredictor) -> list[list]:
+    """A file's input columns as raw rows (text kept), for a model with categorical columns."""
+    from cropyield.cells import read_cells
+    from cropyield.files import check_columns, read_columns
+
+    check_columns(path, model.input_names, read_columns(path))
+    text = list(model.encoding["levels"])
+    columns, where = read_cells(path, [c for c in model.input_names if c not in text], text)
+    encoding = Encoding.from_dict(model.encoding)
+    encoding.encode(columns, where=where, hint="prediction needs every cell")  # names a bad row by file and row
+    values = [
+        [c.keys[k] for k in c.codes] if hasattr(c, "codes") else c.tolist()
+        for c in (columns[name] for name in model.input_names)
+    ]
+    return [list(row) for row in zip(*values, strict=True)]
