@@ -193,7 +193,8 @@ class CropYieldDataModule(L.LightningDataModule):
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
         self._source: RowSource | None = None
-        self._predict_source: RowSource | None = None
+        self._predict_source: tuple[Encoding, RowSource] | None = None
+        self._checkpoint_source: tuple[Encoding, RowSource] | None = None
         self._statistics: Moments | None = None
 
     @classmethod
@@ -259,14 +260,12 @@ class CropYieldDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
-            if self._predict_source is None:
-                self._predict_source = self._make_source(stage)
-            return
+            return  # built by predict_dataloader: a checkpoint given to the Trainer is restored by then
         if self._source is not None:
             return
         if self._encoding is None:  # here every process is present: each reads its share of the pieces
             self._encoding = self._reader.learn(self._seed(), *self._rank_and_world())
-        self._source = self._make_source(stage)
+        self._source = self._reader.fit_source(self.encoding, self._seed(), self.fast_path_min_rows)
         self._agree_across_processes()
         if self.dropped and (self.trainer is None or self.trainer.is_global_zero):
             print(self.dropped, flush=True)
@@ -309,13 +308,18 @@ class CropYieldDataModule(L.LightningDataModule):
         return self._chunked(loader) if isinstance(loader, Resumable) else loader
 
     def val_dataloader(self):
-        return self._ready(self._source).eval_loader(self.batch_size, *self._rank_and_world())
+        return self._eval_source().eval_loader(self.batch_size, *self._rank_and_world())
 
     def test_dataloader(self):
-        return self._ready(self._source).eval_loader(self.batch_size, *self._rank_and_world())
+        return self._eval_source().eval_loader(self.batch_size, *self._rank_and_world())
 
     def predict_dataloader(self):
-        return self._ready(self._predict_source).eval_loader(self.batch_size, *self._rank_and_world())
+        encoding = self._model_encoding() or self.encoding
+        if self._predict_source is None or self._predict_source[0] != encoding:
+            targets = self.target_names if all(t in self._columns for t in self.target_names) else ()
+            source = self._reader.predict_source(encoding, targets, self._seed(), self.fast_path_min_rows)
+            self._predict_source = (encoding, source)
+        return self._predict_source[1].eval_loader(self.batch_size, *self._rank_and_world())
 
     def state_dict(self) -> dict:
         # The tutorial's loader shuffles with the global RNG: saving its state lets a resumed run
@@ -351,16 +355,21 @@ class CropYieldDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() first")
         return source
 
-    def _make_source(self, stage: str) -> RowSource:
-        seed = self._seed()
-        if stage != "predict":
-            return self._reader.fit_source(self.encoding, seed, self.fast_path_min_rows)
-        # Prediction encodes as the model was trained: with the checkpoint's levels, when it has them.
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        spec = getattr(model, "encoding", None)
-        encoding = Encoding.from_dict(spec) if spec else self.encoding
-        targets = self.target_names if all(t in self._columns for t in self.target_names) else ()
-        return self._reader.predict_source(encoding, targets, seed, self.fast_path_min_rows)
+    def _model_encoding(self) -> Encoding | None:
+        """The encoding of the Trainer's model when it has categorical columns (a checkpoint's levels)."""
+        spec = getattr(self.trainer.lightning_module if self.trainer is not None else None, "encoding", None)
+        return Encoding.from_dict(spec) if spec else None
+
+    def _eval_source(self) -> RowSource:
+        """The held-out rows, encoded as the model was trained (validate/test from a checkpoint
+        whose levels differ from those learned here read them again with the checkpoint's)."""
+        source, encoding = self._ready(self._source), self._model_encoding()
+        if encoding is None or encoding == self.encoding:
+            return source
+        if self._checkpoint_source is None or self._checkpoint_source[0] != encoding:
+            rows = self._reader.fit_source(encoding, self._seed(), self.fast_path_min_rows)
+            self._checkpoint_source = (encoding, rows)
+        return self._checkpoint_source[1]
 
     def _agree_across_processes(self) -> None:
         """Under DDP every process must encode alike: the levels are gathered and compared."""

@@ -25,14 +25,18 @@ from collections.abc import Sequence
 
 import torch
 
+from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError
 from cropyield.inference import LinearPredictor, predict
 
 MAX_ROWS = 10_000
 
 
-def parse_rows(body, feature_names: Sequence[str], max_rows: int = MAX_ROWS) -> torch.Tensor:
+def parse_rows(
+    body, feature_names: Sequence[str], max_rows: int = MAX_ROWS, encoding: dict | None = None
+) -> torch.Tensor:
     """Validates a request body ``{"rows": [...]}``: rows of numbers or objects keyed by feature name.
+    With ``encoding`` (a model with categorical columns), rows hold the raw columns, strings included.
 
     Raises:
         CropYieldError: a one-line description of what is wrong with the body.
@@ -44,6 +48,8 @@ def parse_rows(body, feature_names: Sequence[str], max_rows: int = MAX_ROWS) -> 
         raise CropYieldError('"rows" must be a non-empty list of rows')
     if len(rows) > max_rows:
         raise CropYieldError(f"{len(rows)} rows are more than the {max_rows} a request may hold; split the request")
+    if encoding:
+        return torch.from_numpy(Encoding.from_dict(encoding).encode_rows(rows))
     names, values = list(feature_names), []
     for i, row in enumerate(rows):
         if isinstance(row, dict):
@@ -91,7 +97,7 @@ class YieldAPI(ls.LitAPI if ls is not None else object):
         from fastapi import HTTPException
 
         try:
-            return parse_rows(request, self.model.feature_names, self.max_rows)
+            return parse_rows(request, self.model.feature_names, self.max_rows, self.model.encoding)
         except CropYieldError as err:
             raise HTTPException(status_code=400, detail=str(err)) from None
 

@@ -209,7 +209,7 @@ class RowReader:
             else:
                 found = self._learned if isinstance(self._learned, Survey) else self._survey(pieces, seed)
                 names = [*encoding.feature_names, *layout.targets]
-                stream = StreamSource(pieces, names, self.val_fraction, seed, encoded_reader(layout, encoding),
+                stream = StreamSource(pieces, names, self.val_fraction, seed, read=encoded_reader(layout, encoding),
                                       counts=(found.train_counts, found.val_counts))  # fmt: skip
             train, held = sum(stream.train_counts), sum(p.rows for p in pieces) - sum(stream.train_counts)
             if self.raw:
@@ -236,7 +236,7 @@ class RowReader:
                 return StreamedSource(StreamSource(pieces, layout.used, 0.0, seed), width, "all")
             names = [*encoding.feature_names, *targets]
             counts = ([0] * len(pieces), [p.rows for p in pieces])
-            stream = StreamSource(pieces, names, 0.0, seed, encoded_reader(layout, encoding), counts=counts)
+            stream = StreamSource(pieces, names, 0.0, seed, read=encoded_reader(layout, encoding), counts=counts)
             return StreamedSource(stream, width, "all")
         rows = self._rows(layout, encoding)
         return TableSource(rows, rows, width, fast_path_min_rows)

@@ -137,6 +137,7 @@ class StreamSource:
         columns: Sequence[str],
         val_fraction: float,
         seed: int,
+        *,
         read: Callable[[Piece], tuple[np.ndarray, np.ndarray | None]] | None = None,
         counts: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> None:

@@ -220,3 +220,27 @@ def test_a_signal_stops_every_process_and_answers_requests_in_flight(checkpoint,
     thread.join(timeout=30)
     assert seconds < 10 and group_processes(server.process.pid) == []
     assert statuses and set(statuses) == {200}, statuses[-5:]
+
+
+def test_a_model_with_categorical_columns_serves_named_rows_with_strings(tmp_path):
+    from .test_encoding import TARGET, make_crops, write_crops
+
+    write_crops(make_crops(600, areas=3, crops=3, seed=1), tmp_path / "yield.csv")
+    run("cropyield", "fit", "--config", "exact.yaml", "--data.data_path", "yield.csv", "--data.target_names",
+        f"[{TARGET}]", cwd=tmp_path)  # fmt: skip
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    row = {"Area": "Brazil", "Item": "Rice, paddy", "Year": 2001, "average_rain_fall_mm_per_year": 1100.5,
+           "pesticides_tonnes": 120.0, "avg_temp": 21.5}  # fmt: skip
+    printed = run("cropyield-predict", "--ckpt", checkpoint, *row.values(), "--json", cwd=tmp_path)
+    server = Server(checkpoint)
+    try:
+        assert server.post({"rows": [row, list(row.values())]}) == (
+            200,
+            {"predictions": json.loads(printed.stdout) * 2},
+        )
+        status, body = server.post({"rows": [row, {**row, "Item": "Oats"}]})
+        assert status == 400 and "row 1, column 'Item': level 'Oats' was not in the training data" in body["detail"]
+        status, body = server.post({"rows": [{**row, "avg_temp": None}]})
+        assert status == 400 and "row 0, column 'avg_temp': missing value" in body["detail"]
+    finally:
+        server.stop()
