@@ -140,7 +140,8 @@ def main() -> None:
         if args.by_crop:
             suffix = "parquet" if args.format == "parquet" else "csv"
             for k, crop in enumerate(CROPS[: args.crops]):
-                mine = [i for i, item in enumerate(columns["Item"]) if item == crop]
+                # A row whose crop cell is empty goes with the first crop.
+                mine = [i for i, item in enumerate(columns["Item"]) if item == crop or (k == 0 and item is None)]
                 part = {name: [values[i] for i in mine] for name, values in columns.items()}
                 write_crops(part, args.out / f"crop-{k}.{suffix}")
             print(f"wrote {rows:,} rows in {args.crops} files, one per crop, to {args.out}/")
