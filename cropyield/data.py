@@ -265,7 +265,9 @@ class CropYieldDataModule(L.LightningDataModule):
             return
         if self._encoding is None:  # here every process is present: each reads its share of the pieces
             self._encoding = self._reader.learn(self._seed(), *self._rank_and_world())
-        self._source = self._reader.fit_source(self.encoding, self._seed(), self.fast_path_min_rows)
+        self._source = self._reader.fit_source(
+            self.encoding, self._seed(), self.fast_path_min_rows, *self._rank_and_world()
+        )  # every process is here: a first pass still to be made is shared
         self._agree_across_processes()
         if self.dropped and (self.trainer is None or self.trainer.is_global_zero):
             print(self.dropped, flush=True)

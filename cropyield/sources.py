@@ -199,15 +199,18 @@ class RowReader:
         self._learned = self._split(self._encode(columns, encoding, layout), seed)
         return encoding
 
-    def fit_source(self, encoding: Encoding, seed: int, fast_path_min_rows: int) -> RowSource:
-        """The training rows and the held-out ones (the same rows when none are held out)."""
+    def fit_source(self, encoding: Encoding, seed: int, fast_path_min_rows: int, rank: int = 0, world: int = 1):
+        """The training rows and the held-out ones (the same rows when none are held out); a first
+        pass that is still to be made (streaming, ``missing="drop"``) is shared by the processes."""
         layout, width = self.layout, len(encoding.feature_names)
         if self.streaming:
             pieces = self._pieces(layout.used)
             if not self.raw:
                 stream = StreamSource(pieces, layout.used, self.val_fraction, seed)
             else:
-                found = self._learned if isinstance(self._learned, Survey) else self._survey(pieces, seed)
+                found = self._learned
+                if not isinstance(found, Survey):
+                    self._learned = found = self._survey(pieces, seed, rank, world)
                 names = [*encoding.feature_names, *layout.targets]
                 stream = StreamSource(pieces, names, self.val_fraction, seed, read=encoded_reader(layout, encoding),
                                       counts=(found.train_counts, found.val_counts))  # fmt: skip
@@ -242,14 +245,16 @@ class RowReader:
         return TableSource(rows, rows, width, fast_path_min_rows)
 
     def _survey(self, pieces: Sequence[Piece], seed: int, rank: int = 0, world: int = 1) -> Survey:
-        mine = [i for i in range(len(pieces)) if i % world == rank] if world > 1 else None
+        shared = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        mine = [i for i in range(len(pieces)) if i % world == rank] if shared else None
         found = survey(pieces, self.layout, self.val_fraction, seed, self.max_levels, mine, self.name)
-        if world > 1:
+        if shared:  # every process reads its share, then they all gather what the others found
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, found)
             found = reduce(Survey.merge, gathered)
         if self.layout.missing == "drop":
-            self.dropped = drop_message(found.missing, found.dropped, found.rows)
+            counts = {c: found.missing[c] for c in self.layout.used if c in found.missing}  # in column order
+            self.dropped = drop_message(counts, found.dropped, found.rows)
         return found
 
     def _pieces(self, wanted: Sequence[str]) -> list[Piece]:

@@ -142,3 +142,23 @@ def test_streamed_folder_one_file_per_crop_under_ddp_equals_statsmodels(tmp_path
     raw["Year"] = raw["Year"].astype(int)
     preds = predict(model, raw.to_dict("records"))[:, 0].double().numpy()
     np.testing.assert_allclose(preds, reference.fittedvalues.to_numpy(), rtol=0, atol=1e-5 * kept["y"].abs().mean())
+
+
+@pytest.mark.slow
+def test_rows_dropped_for_a_missing_cell_are_counted_over_the_processes(tmp_path):
+    from .test_encoding import TARGET, make_crops, write_crops
+
+    columns = make_crops(3000, missing=30, seed=7)
+    columns = {k: v for k, v in columns.items() if k not in ("Area", "Item")}  # numbers only: no levels to learn
+    folder = tmp_path / "d"
+    for k in range(4):  # four files: each process reads two in the first pass
+        write_crops({c: v[k * 750 : (k + 1) * 750] for c, v in columns.items()}, folder / f"part-{k}.csv")
+    missing = {c: sum(v is None for v in values) for c, values in columns.items()}
+    dropped = sum(any(columns[c][i] is None for c in columns) for i in range(3000))
+    args = ["--data.data_path", "d", "--data.streaming", "true", "--data.target_names", f"[{TARGET}]",
+            "--data.missing", "drop", "--data.batch_size", "100", "--data.standardize", "true"]  # fmt: skip
+    result, records, _ = ddp_fit(tmp_path, *args, epochs=1)
+    per_column = ", ".join(f"{c} {n}" for c, n in missing.items() if n)
+    line = f"dropped {dropped} of 3,000 rows with a missing value: {per_column}"
+    assert result.stdout.count(line) == 1, result.stdout
+    assert sum(len(r["rows"]) for r in records) <= 3000 - dropped
