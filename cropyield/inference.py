@@ -304,8 +304,13 @@ def _run(args: argparse.Namespace) -> None:
     if args.csv and args.values:
         raise CropYieldError("give input values or --csv, not both")
     if model.encoding:  # raw columns in, strings included; encoded as training did
-        rows = _raw_csv(args.csv, model) if args.csv else _groups(args.values, len(model.input_names))
-        preds = predict(model, rows)
+        if args.csv:
+            rows, x = _raw_csv(args.csv, model)
+            with torch.inference_mode():
+                preds = model(x).float()
+        else:
+            rows = _groups(args.values, len(model.input_names))
+            preds = predict(model, rows)
     else:
         if args.csv:
             from cropyield.files import read_table
@@ -339,18 +344,19 @@ def _groups(values: Sequence[str], count: int) -> list[list[str]]:
     return [list(values[i : i + count]) for i in range(0, len(values), count)]
 
 
-def _raw_csv(path: str, model: LinearPredictor) -> list[list]:
-    """A file's input columns as raw rows (text kept), for a model with categorical columns."""
+def _raw_csv(path: str, model: LinearPredictor) -> tuple[list[list], torch.Tensor]:
+    """A file's input columns as raw rows (text kept) and encoded, for a model with categorical
+    columns; a missing cell or an unseen level is an error naming the file, row and column."""
     from cropyield.cells import read_cells
+    from cropyield.encoding import Coded
     from cropyield.files import check_columns, read_columns
 
     check_columns(path, model.input_names, read_columns(path))
     text = list(model.encoding["levels"])
     columns, where = read_cells(path, [c for c in model.input_names if c not in text], text)
-    encoding = Encoding.from_dict(model.encoding)
-    encoding.encode(columns, where=where, hint="prediction needs every cell")  # names a bad row by file and row
+    x, _, _ = Encoding.from_dict(model.encoding).encode(columns, where=where, hint="prediction needs every cell")
     values = [
-        [c.keys[k] for k in c.codes] if hasattr(c, "codes") else c.tolist()
+        [c.keys[k] for k in c.codes] if isinstance(c, Coded) else c.tolist()
         for c in (columns[name] for name in model.input_names)
     ]
-    return [list(row) for row in zip(*values, strict=True)]
+    return [list(row) for row in zip(*values, strict=True)], torch.from_numpy(x)
