@@ -9,12 +9,17 @@ cropyield predict --ckpt_path checkpoints/last.ckpt
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
@@ -22,7 +27,7 @@ from typing_extensions import override
 from cropyield.callbacks import AtomicCheckpointIO, CropYieldCheckpoint, CSVPredictionWriter, ProgressReport
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
-from cropyield.inference import read_checkpoint
+from cropyield.inference import _spec, read_checkpoint
 from cropyield.model import BaseRegressor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -49,25 +54,68 @@ class CropYieldCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ProgressReport, "report")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
-        # Model sizes and names follow the data, so any file trains with no model flags.
-        for source, target in [
-            ("num_features", "in_features"),
-            ("num_targets", "out_features"),
-            ("feature_names", "feature_names"),
-            ("target_names", "target_names"),
-            ("standardize", "standardize"),
-        ]:
-            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+        # Model sizes and names follow the data, so any file trains with no model flags; a model
+        # rebuilt from a checkpoint keeps the checkpoint's values (see `_parse_ckpt_path`).
+        for source, target in _LINKS:
+            parser.link_arguments(
+                f"data.{source}",
+                f"model.init_args.{target}",
+                compute_fn=functools.partial(self._linked, target),
+                apply_on="instantiate",
+            )
+
+    def _linked(self, target: str, value: Any) -> Any:
+        """The value a data-to-model link gives: the checkpoint's when the model comes from one."""
+        saved = getattr(self, "_checkpoint_model", None)
+        return saved[1][target] if saved is not None and target in saved[1] else value
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
 
     @override
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyper-parameters here, before a Trainer exists: check
-        # the file first, so that a bad or malicious one is a one-line error, not a traceback.
+        # LightningCLI reads the checkpoint's hyper-parameters here, before a Trainer exists, and
+        # merges them into whatever model the arguments name (the default class included): here
+        # the checkpoint's own class and hyper-parameters are the model, and an argument that
+        # contradicts them is an error. The file is checked first, so that a bad or malicious one
+        # is a one-line error, not a traceback.
+        self._checkpoint_model = None
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and (Path(ckpt_path).exists() or ckpt_path not in ("last", "best", "hpc")):
-            read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = _checkpoint_file(config, subcommand)
+        if path is None:
+            return
+        checkpoint = read_checkpoint(path)
+        if subcommand != "fit":  # fit resumes a checkpoint of any moment, even mid-pass
+            _spec(Path(path), checkpoint)  # weights that fit their hyper-parameters, a finished pass
+        variant, hparams = _saved_model(path, checkpoint)
+        given = _given_keys(self._args, subcommand)
+        _check_agreement(path, config, given, variant, hparams)
+        data = {key: hparams[key] for key in ("feature_names", "target_names") if key in hparams}
+        if subcommand == "fit" and "standardize" in hparams:
+            data["standardize"] = hparams["standardize"]  # a resumed fit recomputes the same scaler
+        model = {"class_path": f"cropyield.model.{variant}", "init_args": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model, "data": data}}, self.config)
+        self._checkpoint_model = (path, hparams)
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _user_error(err)
+            saved = getattr(self, "_checkpoint_model", None)
+            if cause is None or saved is None:
+                raise
+            path, hparams = saved
+            raise CropYieldError(
+                f"{cause}; the model in {path} takes features {hparams.get('feature_names')} and targets "
+                f"{hparams.get('target_names')}"
+            ) from None
 
     @override
     def instantiate_trainer(self, **kwargs):
@@ -83,6 +131,138 @@ class CropYieldCLI(LightningCLI):
             if callback.dirpath is None:
                 callback.dirpath = os.path.join(root, "checkpoints")
         return trainer
+
+
+# (data module attribute, model argument): what the model takes from the data it is trained on.
+_LINKS = (
+    ("num_features", "in_features"),
+    ("num_targets", "out_features"),
+    ("feature_names", "feature_names"),
+    ("target_names", "target_names"),
+    ("standardize", "standardize"),
+)
+# Model arguments whose values the data module's arguments of the same name give.
+_FROM_DATA = ("feature_names", "target_names", "standardize")
+
+
+def _checkpoint_file(config, subcommand: str) -> str | None:
+    """The checkpoint file ``--ckpt_path`` names (``last`` and ``hpc`` resolved as Lightning will),
+    or None when there is none to read."""
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    if ckpt_path in ("last", "hpc", "best") and not Path(ckpt_path).exists():
+        root = config.trainer.get("default_root_dir") or os.getcwd()
+        if ckpt_path == "last":
+            folder = config.get("checkpoint", {}).get("dirpath") or os.path.join(root, "checkpoints")
+            last = os.path.join(folder, "last.ckpt")
+            return last if os.path.isfile(last) else None
+        if ckpt_path == "hpc":
+            versions = [int(m[1]) for f in os.listdir(root) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f))]
+            return os.path.join(root, f"hpc_ckpt_{max(versions)}.ckpt") if versions else None
+        return None  # "best" is the best of the fit just run, within one process
+    return ckpt_path
+
+
+def _saved_model(path: str, checkpoint: dict) -> tuple[str, dict]:
+    """The checkpoint's model class name and the arguments of that class it was built with."""
+    from cropyield import model as models
+
+    meta = checkpoint.get("cropyield") if isinstance(checkpoint.get("cropyield"), dict) else {}
+    variant = meta.get("class", "CropYieldRegressor")
+    cls = getattr(models, str(variant), None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseRegressor)) or cls is BaseRegressor:
+        raise CropYieldError(f"{path}: unknown model class {variant!r}")
+    saved = checkpoint.get("hyper_parameters")
+    if not isinstance(saved, dict):
+        raise CropYieldError(f"{path}: not a cropyield checkpoint (no hyper_parameters)")
+    accepted = inspect.signature(cls).parameters
+    return variant, {k: v for k, v in saved.items() if k in accepted}
+
+
+def _given_keys(args: list[str], subcommand: str) -> set[str]:
+    """The ``model.*`` and ``data.*`` keys that the command line or its config files set, such as
+    ``model.class_path``, ``model.init_args.lr``, ``data.standardize``: values a checkpoint must
+    agree with (a key left at its default is the checkpoint's to fill)."""
+    keys: set[str] = set()
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            keys |= _config_keys(args[i + 1], subcommand)
+        elif arg.startswith("--config="):
+            keys |= _config_keys(arg.split("=", 1)[1], subcommand)
+        elif arg.startswith("--"):
+            keys.add(_normalized(arg[2:].split("=", 1)[0].rstrip("+")))
+    return keys
+
+
+def _config_keys(path: str, subcommand: str) -> set[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return set()  # the parser has read it already, or reported it
+    if isinstance(config, dict) and isinstance(config.get(subcommand), dict):
+        config = config[subcommand]
+    keys: set[str] = set()
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and prefix.count(".") < 3:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif prefix:
+            keys.add(_normalized(prefix))
+
+    walk(config, "")
+    return keys
+
+
+def _normalized(key: str) -> str:
+    """``model`` -> ``model.class_path``, ``model.lr`` -> ``model.init_args.lr``."""
+    parts = key.split(".")
+    if parts[0] != "model":
+        return key
+    if len(parts) == 1:
+        return "model.class_path"
+    if parts[1] in ("init_args", "dict_kwargs"):
+        return "model.init_args." + ".".join(parts[2:])
+    return key if parts[1] == "class_path" else "model.init_args." + ".".join(parts[1:])
+
+
+def _check_agreement(path: str, config, given: set[str], variant: str, hparams: dict) -> None:
+    """Refuses, in one line, arguments that contradict the model a checkpoint holds."""
+    problems = []
+    if "model.class_path" in given:
+        named = str(config.model.class_path).rsplit(".", 1)[-1]
+        if named != variant:
+            problems.append(f"--model {named}")
+    for key in sorted(k for k in given if k.startswith("model.init_args.")):
+        name = key.split(".")[2]
+        value = config.model.get("init_args", {}).get(name)
+        if name not in hparams:
+            problems.append(f"--model.{name} (a {variant} has no {name})")
+        elif not _same(value, hparams[name]):
+            problems.append(f"--model.{name} {_shown(value)} (saved: {_shown(hparams[name])})")
+    for name in _FROM_DATA:
+        value = config.data.get(name)
+        if f"data.{name}" in given and name in hparams and value is not None and not _same(value, hparams[name]):
+            problems.append(f"--data.{name} {_shown(value)} (saved: {_shown(hparams[name])})")
+    if problems:
+        raise CropYieldError(
+            f"{path}: {'; '.join(problems)}: contradicts the {variant} this checkpoint holds, which is rebuilt "
+            "as it was saved (drop the argument, or train a new model without --ckpt_path)"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _default_loggers(root: str) -> list:

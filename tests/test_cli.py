@@ -195,6 +195,83 @@ def test_file_with_seven_features_and_three_targets_needs_no_model_flags(tmp_pat
     assert model.hparams.feature_names == header[:7] and model.hparams.target_names == ["t0", "t1", "t2"]
     result = run("cropyield-predict", "--ckpt", "checkpoints/last.ckpt", *range(7), "--json", cwd=tmp_path)
     assert list(json.loads(result.stdout)[0]) == ["t0", "t1", "t2"]
+    # The LightningCLI route takes the columns from the checkpoint: no --data.target_names needed.
+    run("cropyield", "predict", "--ckpt_path", "checkpoints/last.ckpt", "--data.data_path", "d.csv", cwd=tmp_path)
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert lines[0] == ",".join(header)
+    got = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]])
+    torch.testing.assert_close(got[:, 7:], by_hand(tmp_path / "checkpoints" / "last.ckpt", x).float())
+    # A model that does not fit the data: one line naming both column lists, nothing written.
+    (tmp_path / "predictions.csv").unlink()
+    result = run("cropyield", "predict", "--ckpt_path", "checkpoints/last.ckpt", cwd=tmp_path, check_rc=None)
+    assert_one_line_error(result, "missing column(s) ['t0', 't1', 't2']", "'temp', 'rainfall'", "features ['x0', 'x1'")
+    assert not (tmp_path / "predictions.csv").exists()
+
+
+# --- a checkpoint rebuilds its whole model ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """Checkpoints of the standardized SGD config and of the exact solver, one fit each."""
+    folders = {}
+    for name in ("fast.yaml", "exact.yaml"):
+        folders[name] = tmp_path_factory.mktemp(name.split(".")[0])
+        run("cropyield", "fit", "--config", name, cwd=folders[name])
+    return {name: folder / "checkpoints" / "last.ckpt" for name, folder in folders.items()}
+
+
+def by_hand(ckpt, x):
+    """The prediction a checkpoint's weights and scaler give, computed here from its tensors."""
+    saved = torch.load(ckpt, weights_only=True)
+    state, hparams = saved["state_dict"], saved["hyper_parameters"]
+    x = x.double()
+    if hparams["standardize"]:
+        x = (x - state["feature_mean"].double()) / state["feature_std"].double()
+    return x @ state["linear.weight"].double().T + state["linear.bias"].double()
+
+
+def reported(stdout: str, key: str) -> float:
+    return float(re.search(rf"^\s*{re.escape(key)}\s+([-\d.e]+)\s*$", stdout, re.M)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fast.yaml", "exact.yaml"])
+def test_predict_test_validate_rebuild_the_model_the_checkpoint_holds(variants, tmp_path, config):
+    ckpt = variants[config]
+    run("cropyield", "predict", "--ckpt_path", ckpt, cwd=tmp_path)  # no --config: all from the checkpoint
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    got = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]], dtype=torch.float64)
+    expected = by_hand(ckpt, INPUTS)
+    torch.testing.assert_close(got[:, 3:], expected, rtol=1e-6, atol=1e-4)
+    if config == "fast.yaml":  # the standardized model: 57.32 for the first row, not 1794 of a raw one
+        assert round(got[0, 3].item(), 2) == 57.32
+    mse = float(((expected - TARGETS.double()) ** 2).mean())
+    for command, key in (("test", "test/mse"), ("validate", "val/mse")):
+        result = run("cropyield", command, "--ckpt_path", ckpt, cwd=tmp_path)
+        assert reported(result.stdout, key) == pytest.approx(mse, rel=1e-5)
+    assert not (tmp_path / "checkpoints").exists()  # evaluating writes no checkpoint
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "fragments"),
+    [
+        ("fast.yaml", ["--data.standardize", "false"], ["--data.standardize false (saved: true)"]),
+        ("fast.yaml", ["--config", "exact.yaml"], ["--model LeastSquaresRegressor", "CropYieldRegressor"]),
+        ("exact.yaml", ["--model.lr", "0.1"], ["--model.lr (a LeastSquaresRegressor has no lr)"]),
+        ("fast.yaml", ["--data.feature_names", "[temp, rainfall]"], ["feature_names [temp, rainfall]"]),
+    ],
+)
+def test_an_argument_contradicting_the_checkpoint_is_one_line_exit_2(variants, tmp_path, config, args, fragments):
+    result = run("cropyield", "predict", "--ckpt_path", variants[config], *args, cwd=tmp_path, check_rc=None)
+    assert_one_line_error(result, "cropyield: error:", str(variants[config]), *fragments)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_checkpoints_own_config_agrees_with_it(variants, tmp_path):
+    result = run("cropyield", "test", "--config", "fast.yaml", "--ckpt_path", variants["fast.yaml"], cwd=tmp_path)
+    expected = by_hand(variants["fast.yaml"], INPUTS)
+    assert reported(result.stdout, "test/mse") == pytest.approx(float(((expected - TARGETS) ** 2).mean()), rel=1e-5)
 
 
 @pytest.fixture
