@@ -94,8 +94,12 @@ class CropYieldCLI(LightningCLI):
             _spec(Path(path), checkpoint)  # weights that fit their hyper-parameters, a finished pass
         variant, hparams = _saved_model(path, checkpoint)
         given = _given_keys(self._args, subcommand)
-        _check_agreement(path, config, given, variant, hparams)
         data = {key: hparams[key] for key in ("feature_names", "target_names") if key in hparams}
+        encoding = (checkpoint.get("cropyield") or {}).get("encoding")
+        if isinstance(encoding, dict) and isinstance(encoding.get("columns"), list):
+            data["feature_names"] = encoding["columns"]  # categorical: the data reads the raw columns
+            data["levels"] = encoding.get("levels")  # and encodes them with the checkpoint's levels
+        _check_agreement(path, config, given, variant, hparams, data)
         if subcommand == "fit" and "standardize" in hparams:
             data["standardize"] = hparams["standardize"]  # a resumed fit recomputes the same scaler
         model = {"class_path": f"cropyield.model.{variant}", "init_args": hparams}
@@ -228,8 +232,9 @@ def _normalized(key: str) -> str:
     return key if parts[1] == "class_path" else "model.init_args." + ".".join(parts[1:])
 
 
-def _check_agreement(path: str, config, given: set[str], variant: str, hparams: dict) -> None:
-    """Refuses, in one line, arguments that contradict the model a checkpoint holds."""
+def _check_agreement(path: str, config, given: set[str], variant: str, hparams: dict, data: dict | None = None) -> None:
+    """Refuses, in one line, arguments that contradict the model a checkpoint holds (``data``: the
+    values the data module takes from it, where they are not the model's: raw categorical columns)."""
     problems = []
     if "model.class_path" in given:
         named = str(config.model.class_path).rsplit(".", 1)[-1]
@@ -243,9 +248,9 @@ def _check_agreement(path: str, config, given: set[str], variant: str, hparams: 
         elif not _same(value, hparams[name]):
             problems.append(f"--model.{name} {_shown(value)} (saved: {_shown(hparams[name])})")
     for name in _FROM_DATA:
-        value = config.data.get(name)
-        if f"data.{name}" in given and name in hparams and value is not None and not _same(value, hparams[name]):
-            problems.append(f"--data.{name} {_shown(value)} (saved: {_shown(hparams[name])})")
+        value, saved = config.data.get(name), (data or {}).get(name, hparams.get(name))
+        if f"data.{name}" in given and name in hparams and value is not None and not _same(value, saved):
+            problems.append(f"--data.{name} {_shown(value)} (saved: {_shown(saved)})")
     if problems:
         raise CropYieldError(
             f"{path}: {'; '.join(problems)}: contradicts the {variant} this checkpoint holds, which is rebuilt "

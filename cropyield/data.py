@@ -101,6 +101,8 @@ class CropYieldDataModule(L.LightningDataModule):
         missing: ``error`` (a missing cell stops with its file, row and column) or ``drop`` (rows
             with an empty, NaN or null cell in a used column are left out of training, validation
             and the statistics; one line says how many, per column).
+        levels: the levels of categorical columns, as ``{"Item": ["Maize", "Potatoes"]}``, the first
+            the reference, instead of learning them (a model rebuilt from a checkpoint uses its own).
     """
 
     _memory: tuple[tuple[str, ...], torch.Tensor] | None = None  # (column names, rows), from_tensors
@@ -124,6 +126,7 @@ class CropYieldDataModule(L.LightningDataModule):
         categorical_names: Sequence[str] | None = None,
         max_levels: int = DEFAULT_MAX_LEVELS,
         missing: str = "error",
+        levels: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         if data_path is not None and csv_path is not None:
@@ -178,8 +181,10 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"column(s) {overlap} cannot be both a feature and a target")
         if not self.input_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
+        given = {str(c): tuple(str(v) for v in values) for c, values in (levels or {}).items()}
         if categorical_names is None:
             categorical_names = text_columns(self._files[0], self.input_names) if self.data_path else ()
+        categorical_names = [*categorical_names, *(c for c in given if c not in categorical_names)]
         unknown = [c for c in categorical_names if c not in self.input_names]
         if unknown:
             raise CropYieldError(f"categorical_names {unknown} are not feature columns ({list(self.input_names)})")
@@ -189,7 +194,12 @@ class CropYieldDataModule(L.LightningDataModule):
         memory = self._memory or ((*FEATURE_NAMES, *TARGET_NAMES), torch.cat([INPUTS, TARGETS], 1))
         files = self._files if self.data_path is not None else None
         self._reader = RowReader(source, files, memory, layout, limit_rows, val_fraction, streaming, max_levels)
-        self._encoding: Encoding | None = None if self.categorical_names else Encoding(self.input_names)
+        if any(not values for values in given.values()):
+            raise CropYieldError(f"levels must name at least one level per column, got {levels}")
+        self._levels = given
+        self._encoding: Encoding | None = None
+        if set(self.categorical_names) <= set(given):  # nothing to learn
+            self._encoding = Encoding(self.input_names, {c: given[c] for c in self.categorical_names})
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
         self._source: RowSource | None = None
@@ -233,8 +243,11 @@ class CropYieldDataModule(L.LightningDataModule):
         """How the raw input columns become the model's features; with categorical columns, the
         first use learns their levels from the training rows (one pass)."""
         if self._encoding is None:
-            self._encoding = self._reader.learn(self._seed())
+            self._encoding = self._given(self._reader.learn(self._seed()))
         return self._encoding
+
+    def _given(self, learned: Encoding) -> Encoding:
+        return Encoding(learned.columns, {**learned.levels, **{c: v for c, v in self._levels.items()}})
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -264,7 +277,7 @@ class CropYieldDataModule(L.LightningDataModule):
         if self._source is not None:
             return
         if self._encoding is None:  # here every process is present: each reads its share of the pieces
-            self._encoding = self._reader.learn(self._seed(), *self._rank_and_world())
+            self._encoding = self._given(self._reader.learn(self._seed(), *self._rank_and_world()))
         self._source = self._reader.fit_source(
             self.encoding, self._seed(), self.fast_path_min_rows, *self._rank_and_world()
         )  # every process is here: a first pass still to be made is shared

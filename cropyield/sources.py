@@ -138,6 +138,7 @@ class Layout:
     targets: Sequence[str]
     text: Sequence[str]
     missing: str = "error"
+    hint: str = "fill it in or drop the row (missing: drop)"  # what a missing cell's message says to do
 
     @property
     def numeric(self) -> list[str]:
@@ -231,7 +232,7 @@ class RowReader:
 
     def predict_source(self, encoding: Encoding, targets: Sequence[str], seed: int, fast_path_min_rows: int):
         """Every row, in order; a missing cell is an error (prediction never drops a row)."""
-        layout = Layout(self.layout.inputs, targets, self.layout.text, "error")
+        layout = Layout(self.layout.inputs, targets, self.layout.text, "error", "prediction needs every cell")
         width = len(encoding.feature_names)
         if self.streaming:
             pieces = self._pieces(layout.used)
@@ -294,7 +295,7 @@ class RowReader:
     def _encode(self, columns: dict[str, Column], encoding: Encoding, layout: Layout) -> torch.Tensor:
         total = len(next(iter(columns.values())))
         where = lambda i: f"{self.name}, row {i + 1}"  # noqa: E731
-        table, keep, counts = encoding.encode(columns, layout.targets, layout.missing, where)
+        table, keep, counts = encoding.encode(columns, layout.targets, layout.missing, where, layout.hint)
         if keep is not None:
             table = table[keep]
         if layout.missing == "drop":
@@ -339,7 +340,7 @@ class RowReader:
 def read_encoded(piece: Piece | str, layout: Layout, encoding: Encoding) -> tuple[np.ndarray, np.ndarray | None]:
     """One file or piece, encoded: the float32 table and the mask of rows kept (None: all)."""
     columns, where = read_cells(piece, layout.numeric, layout.text)
-    table, keep, _ = encoding.encode(columns, layout.targets, layout.missing, where)
+    table, keep, _ = encoding.encode(columns, layout.targets, layout.missing, where, layout.hint)
     return table, keep
 
 

@@ -248,3 +248,22 @@ def test_a_quoted_value_is_one_cell_on_every_reader(tmp_path, monkeypatch):
     assert [v for p in pieces for v in values(p)] == expected
     monkeypatch.setattr("cropyield.cells._pyarrow", lambda: None)  # the standard library's reader
     assert values(path) == expected
+
+
+def test_cli_predict_and_validate_from_a_checkpoint_use_its_levels(crops, tmp_path):
+    args = ["--data.target_names", f"[{TARGET}]", "--data.missing", "drop"]
+    run("cropyield", "fit", "--config", "exact.yaml", "--data.data_path", crops, *args, cwd=tmp_path)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    table = pd.read_csv(crops, keep_default_na=False, na_values=[""]).dropna()
+    few = table[table["Item"].isin(["Potatoes", "Wheat"])].head(40)  # two of the four crops: fewer levels
+    few.to_csv(tmp_path / "few.csv", index=False)
+    run("cropyield", "predict", "--ckpt_path", ckpt, "--data.data_path", "few.csv", cwd=tmp_path)
+    written = pd.read_csv(tmp_path / "predictions.csv")
+    expected = predict(load_regressor(ckpt), few.drop(columns=[TARGET]).to_dict("records"))[:, 0].numpy()
+    np.testing.assert_allclose(written[TARGET].to_numpy(), expected, rtol=1e-6)
+    few.assign(Item="Oats").to_csv(tmp_path / "oats.csv", index=False)
+    result = run("cropyield", "predict", "--ckpt_path", ckpt, "--data.data_path", "oats.csv", cwd=tmp_path,
+                 check_rc=None)  # fmt: skip
+    assert_one_line_error(result, "oats.csv, row 1, column 'Item': level 'Oats' was not in the training data")
+    result = run("cropyield", "validate", "--ckpt_path", ckpt, "--data.data_path", "few.csv", cwd=tmp_path)
+    assert re.search(r"val/r2\s+0\.99", result.stdout), result.stdout
