@@ -243,11 +243,8 @@ class CropYieldDataModule(L.LightningDataModule):
         """How the raw input columns become the model's features; with categorical columns, the
         first use learns their levels from the training rows (one pass)."""
         if self._encoding is None:
-            self._encoding = self._given(self._reader.learn(self._seed()))
+            self._encoding = self._reader.learn(self._seed(), given=self._levels)
         return self._encoding
-
-    def _given(self, learned: Encoding) -> Encoding:
-        return Encoding(learned.columns, {**learned.levels, **{c: v for c, v in self._levels.items()}})
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -277,7 +274,7 @@ class CropYieldDataModule(L.LightningDataModule):
         if self._source is not None:
             return
         if self._encoding is None:  # here every process is present: each reads its share of the pieces
-            self._encoding = self._given(self._reader.learn(self._seed(), *self._rank_and_world()))
+            self._encoding = self._reader.learn(self._seed(), *self._rank_and_world(), given=self._levels)
         self._source = self._reader.fit_source(
             self.encoding, self._seed(), self.fast_path_min_rows, *self._rank_and_world()
         )  # every process is here: a first pass still to be made is shared

@@ -177,28 +177,30 @@ class RowReader:
         )
         self.raw = bool(layout.text) or (layout.missing == "drop" and files is not None)
         self.dropped: str | None = None  # the line saying which rows a missing cell dropped
-        self._learned: tuple[torch.Tensor, torch.Tensor] | Survey | None = None  # what learning the levels read
+        self._learned: tuple[dict, np.ndarray] | Survey | None = None  # what learning the levels read
 
-    def learn(self, seed: int, rank: int = 0, world: int = 1) -> Encoding:
-        """Learns the categorical columns' levels from the training rows, in one pass.
+    def learn(self, seed: int, rank: int = 0, world: int = 1, given: dict | None = None) -> Encoding:
+        """Learns the categorical columns' levels from the training rows, in one pass (``given``
+        levels are taken as they are).
 
         Streaming with ``world > 1`` (from ``setup``, where every process is), each process reads
         its share of the pieces and what they found is gathered; otherwise the pass reads every
         piece, so that every process finds the same levels before the processes are connected
-        (the model's size depends on them). In memory, the pass is reading the table.
+        (the model's size depends on them). In memory, the pass is reading the table, whose raw
+        columns are kept for :meth:`fit_source`.
         """
-        layout = self.layout
+        layout, given = self.layout, dict(given or {})
         if self.streaming:
             self._learned = found = self._survey(self._pieces(layout.used), seed, rank, world)
-            return Encoding(tuple(layout.inputs), learn_levels(found.found, self.max_levels, self.name))
-        columns, keep = self._raw_columns(layout.used, layout.missing)
-        train_rows, _ = split_rows(int(keep.sum()), self.val_fraction, seed)
-        kept = np.flatnonzero(keep)
-        train = kept if train_rows is None else kept[train_rows.numpy()]
-        found = {c: columns[c].present(train) for c in layout.text}
-        encoding = Encoding(tuple(layout.inputs), learn_levels(found, self.max_levels, self.name))
-        self._learned = self._split(self._encode(columns, encoding, layout), seed)
-        return encoding
+            found = {c: v for c, v in found.found.items() if c not in given}
+        else:
+            columns, keep = self._learned = self._raw_columns(layout.used, layout.missing)
+            train_rows, _ = split_rows(int(keep.sum()), self.val_fraction, seed)
+            kept = np.flatnonzero(keep)
+            train = kept if train_rows is None else kept[train_rows.numpy()]
+            found = {c: columns[c].present(train) for c in layout.text if c not in given}
+        levels = {**learn_levels(found, self.max_levels, self.name), **given}
+        return Encoding(tuple(layout.inputs), {c: tuple(levels[c]) for c in layout.inputs if c in levels})
 
     def fit_source(self, encoding: Encoding, seed: int, fast_path_min_rows: int, rank: int = 0, world: int = 1):
         """The training rows and the held-out ones (the same rows when none are held out); a first
@@ -224,10 +226,12 @@ class RowReader:
                     f"{MIN_ROWS} of each)"
                 )
             return StreamedSource(stream, width)
-        if isinstance(self._learned, tuple):
-            (train, held), self._learned = self._learned, None  # the source holds the rows from now on
+        if isinstance(self._learned, tuple):  # the raw columns read to learn the levels: encoded once
+            (columns, _), self._learned = self._learned, None
+            rows = self._encode(columns, encoding, layout)
         else:
-            train, held = self._split(self._rows(layout, encoding), seed)
+            rows = self._rows(layout, encoding)
+        train, held = self._split(rows, seed)
         return TableSource(train, held, width, fast_path_min_rows)
 
     def predict_source(self, encoding: Encoding, targets: Sequence[str], seed: int, fast_path_min_rows: int):

@@ -267,3 +267,15 @@ def test_cli_predict_and_validate_from_a_checkpoint_use_its_levels(crops, tmp_pa
     assert_one_line_error(result, "oats.csv, row 1, column 'Item': level 'Oats' was not in the training data")
     result = run("cropyield", "validate", "--ckpt_path", ckpt, "--data.data_path", "few.csv", cwd=tmp_path)
     assert re.search(r"val/r2\s+0\.99", result.stdout), result.stdout
+
+
+def test_given_levels_are_used_as_given(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("Item,x,y\n" + "".join(f"{'ab'[i % 2]},{i},{i % 3}\n" for i in range(20)))
+    dm = CropYieldDataModule(data_path=str(path), target_names=["y"], levels={"Item": ["b", "a", "c"]})
+    assert dm.feature_names == ("Item[T.a]", "Item[T.c]", "x")  # b, given first, is the reference
+    dm.setup("fit")
+    x, _ = dm.training_rows()
+    assert x[:, 0].tolist() == [float(i % 2 == 0) for i in range(20)] and x[:, 1].eq(0).all()
+    with pytest.raises(CropYieldError, match="level 'a' was not in the training data"):
+        CropYieldDataModule(data_path=str(path), target_names=["y"], levels={"Item": ["b"]}).setup("fit")
