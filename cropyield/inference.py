@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -199,7 +200,10 @@ def encode_inputs(model: nn.Module, rows) -> torch.Tensor:
 
 
 def _raw_rows(model: nn.Module, rows) -> bool:
-    """Whether rows need :func:`encode_inputs`: the model has categorical columns, or rows are dicts."""
+    """Whether rows need :func:`encode_inputs`: lists or dicts for a model with categorical columns,
+    or dicts. A tensor or array holds the model's features already (encoded, as a data module serves them)."""
+    if isinstance(rows, (torch.Tensor, np.ndarray)):
+        return False
     if getattr(model, "encoding", None):
         return True
     first = rows[0] if isinstance(rows, (list, tuple)) and rows else rows
@@ -208,8 +212,9 @@ def _raw_rows(model: nn.Module, rows) -> bool:
 
 def predict(model: nn.Module, rows) -> torch.Tensor:
     """Predicts yields for rows of inputs: a list of lists, a list of dicts keyed by column name,
-    a numpy array or a tensor. A model with categorical columns takes the raw columns, strings
-    included (``[["Potatoes", 1485.0, 121.0, 16.4]]``), and encodes them as training did.
+    a numpy array or a tensor. A model with categorical columns takes the raw columns as lists or
+    dicts, strings included (``[["Potatoes", 1485.0, 121.0, 16.4]]``), and encodes them as training
+    did; a tensor or array holds its encoded features (the data module's rows).
 
     Returns:
         A float32 CPU tensor ``[rows, targets]``, one column per target.

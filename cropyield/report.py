@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cropyield.errors import CropYieldError
-from cropyield.inference import LinearPredictor
+from cropyield.inference import LinearPredictor, predict
 
 
 def find_run(log_dir: str | Path) -> Path:
@@ -72,8 +72,7 @@ def draw(run: Path, ckpt: Path, out: Path, dpi: int = 100) -> Path:
     epochs, losses = epoch_losses(run)
     model = LinearPredictor.from_checkpoint(ckpt)
     inputs, targets = evaluation_rows(run)
-    with torch.inference_mode():  # the rows come encoded from the data module: the model's own forward
-        preds = model(inputs)
+    preds = predict(model, inputs)
     count = len(model.target_names)
     fig, axes = plt.subplots(1, 1 + count, figsize=(4.5 * (1 + count), 4.2), dpi=dpi, squeeze=False)
     ax = axes[0, 0]
