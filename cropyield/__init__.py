@@ -28,7 +28,7 @@ _WHERE = {
     "CropYieldDataModule": "data",
     "CropYieldError": "errors",
     "CropYieldRegressor": "model",
-    "LeastSquaresRegressor": "model",
+    "LeastSquaresRegressor": "exact",
     "ManualSGDRegressor": "model",
     "load_regressor": "inference",
     "predict": "inference",
@@ -37,8 +37,9 @@ _WHERE = {
 if TYPE_CHECKING:
     from cropyield.data import FEATURE_NAMES, INPUTS, TARGET_NAMES, TARGETS, CropYieldDataModule
     from cropyield.errors import CropYieldError
+    from cropyield.exact import LeastSquaresRegressor
     from cropyield.inference import load_regressor, predict
-    from cropyield.model import CropYieldRegressor, LeastSquaresRegressor, ManualSGDRegressor
+    from cropyield.model import CropYieldRegressor, ManualSGDRegressor
 
 
 def __getattr__(name: str):

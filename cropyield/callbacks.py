@@ -17,8 +17,8 @@ from typing_extensions import override
 
 from cropyield.errors import CropYieldWarning
 from cropyield.inference import read_checkpoint
-from cropyield.model import BaseRegressor, LeastSquaresRegressor
-from cropyield.reference import Moments, max_stable_lr, solve
+from cropyield.model import BaseRegressor
+from cropyield.reference import QRFactor, max_stable_lr, solve
 
 
 class ProgressReport(Callback):
@@ -29,7 +29,8 @@ class ProgressReport(Callback):
     - every ``every_n_epochs`` epochs: ``Epoch [10/100], Loss: 860.4821``, the loss of the epoch's
       last batch, as the tutorial prints it;
     - after training: R² per target and the final training MSE next to the least-squares optimum on
-      the same rows, both from the data's float64 statistics (no second pass over the rows).
+      the same rows, both from the data's float64 QR factor (no second pass over the rows); after
+      an exact fit (ordinary least squares), its statistics table (``LeastSquaresRegressor.summary``).
 
     Args:
         every_n_epochs: print a progress line every this many epochs (0: never).
@@ -53,7 +54,7 @@ class ProgressReport(Callback):
         if moments is None:
             return
         lr = pl_module.hparams.lr
-        bound = max_stable_lr(moments, pl_module.hparams.in_features)
+        bound = max_stable_lr(moments)
         if lr > bound:
             rank_zero_warn(
                 f"lr={lr:g} is above the largest stable SGD step for this data ({bound:.3g}); training "
@@ -78,33 +79,41 @@ class ProgressReport(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        moments = pl_module.moments if isinstance(pl_module, LeastSquaresRegressor) else None
-        moments = moments or _statistics(trainer, pl_module)
+        moments = _statistics(trainer, pl_module)
         if moments is None:
             return
-        p = pl_module.hparams.in_features
         weight, bias = pl_module.linear.weight.detach(), pl_module.linear.bias.detach()
-        final = moments.mse(p, weight, bias)
-        r2 = moments.r2(p, weight, bias)
-        optimum = solve(moments, p).mse  # the least-squares optimum, whatever the model's own l2
+        final = moments.mse(weight, bias)
+        r2 = moments.r2(weight, bias)
+        # The least-squares optimum (through the origin for such a model), whatever the model's own l2.
+        optimum = solve(moments, fit_intercept=pl_module.hparams.get("fit_intercept", True)).mse
         names = pl_module.hparams.target_names
         self.summary = (
             "Training R²: " + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, r2.tolist(), strict=True)) + "\n"
             f"Final training MSE: {float(final.mean()):.4f} (least-squares optimum on the same rows: {optimum:.4f})"
         )
+        table = getattr(pl_module, "summary", None)
+        if callable(table) and getattr(pl_module, "factor", None) is not None and pl_module.hparams.l2 == 0:
+            if pl_module.solution is not None and not pl_module.solution.problems:
+                self.summary += "\n\n" + str(table())
         if self.print_summary:
             print(self.summary, flush=True)
 
 
-def _statistics(trainer: L.Trainer, pl_module: L.LightningModule) -> Moments | None:
-    """The training rows' statistics, as the model sees them (standardized when it standardizes)."""
-    dm = trainer.datamodule
-    if not isinstance(pl_module, BaseRegressor) or dm is None or not hasattr(dm, "statistics"):
+def _statistics(trainer: L.Trainer, pl_module: L.LightningModule) -> QRFactor | None:
+    """The training rows' factor, as the model sees them (standardized when it standardizes): the
+    exact solver's own, else the data module's."""
+    if not isinstance(pl_module, BaseRegressor):
         return None
-    moments = dm.statistics()
+    factor = getattr(pl_module, "factor", None)
+    if factor is None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "statistics"):
+            return None
+        factor = dm.statistics()
     if pl_module.hparams.standardize:
-        moments = moments.scaled(pl_module.hparams.in_features, pl_module.feature_mean, pl_module.feature_std)
-    return moments
+        factor = factor.scaled(pl_module.feature_mean, pl_module.feature_std)
+    return factor
 
 
 class StepTimer(Callback):

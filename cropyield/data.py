@@ -30,7 +30,7 @@ from cropyield.cells import text_columns
 from cropyield.encoding import DEFAULT_MAX_LEVELS, MISSING_CHOICES, Encoding
 from cropyield.errors import CropYieldError
 from cropyield.files import check_columns, data_files, read_columns
-from cropyield.reference import Moments
+from cropyield.reference import QRFactor
 from cropyield.sources import Layout, LoaderOptions, RowReader, RowSource, TableSource
 from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER
 
@@ -205,7 +205,7 @@ class CropYieldDataModule(L.LightningDataModule):
         self._source: RowSource | None = None
         self._predict_source: tuple[Encoding, RowSource] | None = None
         self._checkpoint_source: tuple[Encoding, RowSource] | None = None
-        self._statistics: Moments | None = None
+        self._statistics: QRFactor | None = None
 
     @classmethod
     def from_tensors(
@@ -216,13 +216,15 @@ class CropYieldDataModule(L.LightningDataModule):
         shuffle: bool = True,
         **kwargs,
     ) -> CropYieldDataModule:
-        """Builds a data module over in-memory rows (tensors or numpy arrays, made float32).
+        """Builds a data module over in-memory rows (tensors or numpy arrays, made float32; float64
+        ones are kept as they are for the exact solver, which reads them unrounded).
 
         Columns are named as the tutorial's when the shapes are its (3 features, 2 targets), else
         ``feature_0, ...`` and ``target_0, ...``. Other keyword arguments are the constructor's.
         """
-        inputs = torch.as_tensor(inputs, dtype=torch.float32)
-        targets = torch.as_tensor(targets, dtype=torch.float32)
+        inputs, targets = torch.as_tensor(inputs), torch.as_tensor(targets)
+        dtype = torch.float64 if inputs.dtype == targets.dtype == torch.float64 else torch.float32
+        inputs, targets = inputs.to(dtype), targets.to(dtype)
         if inputs.ndim != 2 or targets.ndim != 2 or len(inputs) != len(targets):
             raise CropYieldError(
                 "inputs and targets must be 2-D with one row per observation, got shapes "
@@ -276,20 +278,20 @@ class CropYieldDataModule(L.LightningDataModule):
         if self._encoding is None:  # here every process is present: each reads its share of the pieces
             self._encoding = self._reader.learn(self._seed(), *self._rank_and_world(), given=self._levels)
         self._source = self._reader.fit_source(
-            self.encoding, self._seed(), self.fast_path_min_rows, *self._rank_and_world()
+            self.encoding, self._seed(), self.fast_path_min_rows, *self._rank_and_world(), self._dtype()
         )  # every process is here: a first pass still to be made is shared
         self._agree_across_processes()
         if self.dropped and (self.trainer is None or self.trainer.is_global_zero):
             print(self.dropped, flush=True)
         if self.standardize and self.feature_mean is None:
-            mean, std = self.statistics().feature_scale(self.num_features)
+            mean, std = self.statistics().feature_scale()
             numeric = torch.from_numpy(self.encoding.numeric)
             self.feature_mean = torch.where(numeric, mean, 0).float()
             self.feature_std = torch.where(numeric, std, 1).float()
 
-    def statistics(self) -> Moments:
-        """Float64 count, means and co-moments of the training rows ``[features | targets]``, computed
-        once: the least-squares optimum, ``standardize`` and the stable-step check all use them.
+    def statistics(self) -> QRFactor:
+        """The float64 QR factor of the training rows ``[features | 1 | targets]``, computed once:
+        the least-squares optimum, ``standardize`` and the stable-step check all use it.
         Streaming, they take one pass over the files (each process reads its share under DDP)."""
         if self._statistics is None:
             if self._source is None:
@@ -379,7 +381,7 @@ class CropYieldDataModule(L.LightningDataModule):
         if encoding is None or encoding == self.encoding:
             return source
         if self._checkpoint_source is None or self._checkpoint_source[0] != encoding:
-            rows = self._reader.fit_source(encoding, self._seed(), self.fast_path_min_rows)
+            rows = self._reader.fit_source(encoding, self._seed(), self.fast_path_min_rows, dtype=self._dtype())
             self._checkpoint_source = (encoding, rows)
         return self._checkpoint_source[1]
 
@@ -395,6 +397,11 @@ class CropYieldDataModule(L.LightningDataModule):
                     f"process {rank} found other categorical levels than process 0 ({other['levels']} vs "
                     f"{gathered[0]['levels']}): every process must read the same data"
                 )
+
+    def _dtype(self) -> torch.dtype:
+        """float64 for a model that asks for it (the exact solver: every digit of the files), else float32."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(model, "data_dtype", torch.float32)
 
     def _source_name(self) -> str:
         return self.data_path or ("the given tensors" if self._memory else "the embedded data")

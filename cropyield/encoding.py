@@ -243,7 +243,7 @@ class Encoding:
                 j += 1
         return out, keep, counts
 
-    def encode_rows(self, rows, where: str = "row") -> np.ndarray:
+    def encode_rows(self, rows, where: str = "row", dtype=np.float32) -> np.ndarray:
         """Encodes request rows: lists of raw values in column order, or dicts keyed by column.
 
         A missing cell is an error naming the row and column: prediction never drops a row.
@@ -254,7 +254,7 @@ class Encoding:
             [[1.0, 0.0, 2.5], [0.0, 0.0, 1.0]]
         """
         table = rows_to_columns(rows, self.columns, where)
-        out, _, _ = self.encode(table, where=lambda i: f"{where} {i}", hint="prediction needs every cell")
+        out, _, _ = self.encode(table, where=lambda i: f"{where} {i}", hint="prediction needs every cell", dtype=dtype)
         return out
 
 

@@ -92,12 +92,14 @@ def check_columns(path: str | os.PathLike, wanted: Sequence[str], available: Seq
         raise CropYieldError(f"{path}: missing column(s) {missing}; the file has {list(available)}{hint}")
 
 
-def read_table(path: str | os.PathLike, columns: Sequence[str]) -> np.ndarray:
+def read_table(path: str | os.PathLike, columns: Sequence[str], dtype=np.float32) -> np.ndarray:
     """Reads the named columns of a CSV or Parquet file into a C-contiguous float32 array.
 
     Args:
         path: a ``.csv`` (comma-separated, header line first) or ``.parquet`` file.
         columns: the columns to read, in the order wanted in the result.
+        dtype: ``np.float32``, or ``np.float64`` to keep every digit of CSV text and Parquet doubles
+            (the exact solver's reads).
 
     Returns:
         An array of shape ``[rows, len(columns)]``, every value finite.
@@ -109,9 +111,9 @@ def read_table(path: str | os.PathLike, columns: Sequence[str]) -> np.ndarray:
     names = read_columns(path)
     check_columns(path, columns, names)
     if _kind(path) == "parquet":
-        table = _read_parquet(path, columns)
+        table = _read_parquet(path, columns, dtype)
     else:
-        table = _read_csv(path, names, columns)
+        table = _read_csv(path, names, columns, dtype)
     if len(table) == 0:
         raise CropYieldError(f"{path}: has a header but no data rows")
     return table
@@ -121,18 +123,18 @@ def _brief(err: BaseException) -> str:
     return " ".join(str(err).split())[:200] or type(err).__name__
 
 
-def _read_csv(path: Path, names: Sequence[str], columns: Sequence[str]) -> np.ndarray:
+def _read_csv(path: Path, names: Sequence[str], columns: Sequence[str], dtype=np.float32) -> np.ndarray:
     pa = _pyarrow()
     if pa is None:
-        return _read_csv_stdlib(path, columns)
+        return _read_csv_stdlib(path, columns, dtype)
     try:
-        return _read_csv_arrow(pa, path, names, columns)
+        return _read_csv_arrow(pa, path, names, columns, dtype)
     except (pa.ArrowException, OSError, ValueError):
         # Slow, exact pass: raises naming the first bad line and column, or returns the rows.
-        return _read_csv_stdlib(path, columns)
+        return _read_csv_stdlib(path, columns, dtype)
 
 
-def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]) -> np.ndarray:
+def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str], dtype=np.float32) -> np.ndarray:
     """pyarrow's multithreaded parser over blocks of lines, each copied into the result at once.
 
     The result is allocated once for the most rows the file can hold (a row takes at least two
@@ -141,11 +143,12 @@ def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]
     whole file plus its parse.
     """
     read_options = pa.csv.ReadOptions(column_names=list(names), use_threads=True)
-    convert = pa.csv.ConvertOptions(include_columns=list(columns), column_types=dict.fromkeys(columns, pa.float32()))
+    kind = _arrow_type(pa, dtype)
+    convert = pa.csv.ConvertOptions(include_columns=list(columns), column_types=dict.fromkeys(columns, kind))
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         f.readline()  # the header: its names were read by read_columns
-        out = np.empty((size // (2 * len(names)) + 1, len(columns)), dtype=np.float32)
+        out = np.empty((size // (2 * len(names)) + 1, len(columns)), dtype=dtype)
         # One reused buffer: 16 MB bytes objects made and freed per block would fragment the heap
         # and keep most of the result's size again resident after the read.
         buffer, held, rows = bytearray(min(_BLOCK, max(_BLOCK // 16, size // 8))), 0, 0
@@ -166,7 +169,7 @@ def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]
                 for batch in table.to_batches():
                     block = out[rows : rows + batch.num_rows]
                     for j, name in enumerate(columns):
-                        block[:, j] = _float32_values(batch.column(name))
+                        block[:, j] = _values(batch.column(name), dtype)
                     if not np.isfinite(block).all():  # NaN, inf, out of float32 range
                         raise ValueError("non-finite value")
                     rows += batch.num_rows
@@ -178,26 +181,34 @@ def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]
             held = end - cut
 
 
-def _float32_values(column) -> np.ndarray:
-    """A float32 Arrow array's values, without a copy (``to_numpy`` would import pandas: 0.3 s)."""
+def _arrow_type(pa, dtype):
+    return pa.float64() if np.dtype(dtype) == np.float64 else pa.float32()
+
+
+def _values(column, dtype=np.float32) -> np.ndarray:
+    """A float Arrow array's values, without a copy (``to_numpy`` would import pandas: 0.3 s)."""
     if column.null_count:
         raise ValueError("empty value")
-    return np.frombuffer(column.buffers()[1], dtype=np.float32, count=len(column), offset=4 * column.offset)
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer(column.buffers()[1], dtype=dtype, count=len(column), offset=size * column.offset)
 
 
-def _read_csv_stdlib(path: Path, columns: Sequence[str]) -> np.ndarray:
+def _read_csv_stdlib(path: Path, columns: Sequence[str], dtype=np.float32) -> np.ndarray:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader)
-            return _parse_csv_lines(path, f, header, columns, lines_before=1)
+            return _parse_csv_lines(path, f, header, columns, lines_before=1, dtype=dtype)
     except (UnicodeDecodeError, csv.Error) as err:
         raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
 
 
-def _parse_csv_lines(path: Path, lines, header: Sequence[str], columns: Sequence[str], lines_before: int) -> np.ndarray:
+def _parse_csv_lines(
+    path: Path, lines, header: Sequence[str], columns: Sequence[str], lines_before: int, dtype=np.float32
+) -> np.ndarray:
     """The slow, exact parse: raises naming the first bad line (counted from the file's start) and column."""
-    values = [array("f") for _ in columns]
+    wide = np.dtype(dtype) == np.float64
+    values = [array("d" if wide else "f") for _ in columns]
     positions = [list(header).index(c) for c in columns]
     reader = csv.reader(lines)
     try:
@@ -210,13 +221,13 @@ def _parse_csv_lines(path: Path, lines, header: Sequence[str], columns: Sequence
                     f"{path}, line {line}: expected {len(header)} values (one per column), got {len(row)}"
                 )
             for out, name, k in zip(values, columns, positions, strict=True):
-                out.append(_parse_cell(row[k], path, line, name))
+                out.append(_parse_cell(row[k], path, line, name, wide))
     except (UnicodeDecodeError, csv.Error) as err:
         raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
-    return np.stack([np.frombuffer(v, dtype=np.float32) for v in values], axis=1).reshape(-1, len(columns))
+    return np.stack([np.frombuffer(v, dtype=dtype) for v in values], axis=1).reshape(-1, len(columns))
 
 
-def _parse_cell(cell: str, path: Path, line: int, column: str) -> float:
+def _parse_cell(cell: str, path: Path, line: int, column: str, wide: bool = False) -> float:
     where = f"{path}, line {line}, column {column!r}"
     if not cell.strip():
         raise CropYieldError(f"{where}: empty value; fill it in or drop the row")
@@ -226,7 +237,7 @@ def _parse_cell(cell: str, path: Path, line: int, column: str) -> float:
         raise CropYieldError(f"{where}: {cell[:40]!r} is not a number") from None
     if not math.isfinite(value):
         raise CropYieldError(f"{where}: {cell[:40]!r} is not a finite number")
-    if abs(value) > _FLOAT32_MAX:
+    if abs(value) > _FLOAT32_MAX and not wide:
         raise CropYieldError(f"{where}: {cell[:40]!r} is out of float32 range")
     return value
 
@@ -244,7 +255,7 @@ def _parquet_file(path: Path):
         raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
 
 
-def _read_parquet(path: Path, columns: Sequence[str]) -> np.ndarray:
+def _read_parquet(path: Path, columns: Sequence[str], dtype=np.float32) -> np.ndarray:
     pa = _pyarrow()
     file = _parquet_file(path)
     schema = file.schema_arrow
@@ -253,7 +264,7 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> np.ndarray:
         if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
             raise CropYieldError(f"{path}, column {name!r}: has type {kind}, not a number")
     # One record batch at a time into the preallocated result: peak memory is the result plus a batch.
-    out = np.empty((file.metadata.num_rows, len(columns)), dtype=np.float32)
+    out = np.empty((file.metadata.num_rows, len(columns)), dtype=dtype)
     start = 0
     try:
         for batch in file.iter_batches(columns=list(columns)):
@@ -345,8 +356,8 @@ def list_pieces(
     return pieces
 
 
-def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
-    """Reads the named columns of one piece into a float32 array ``[piece.rows, len(columns)]``.
+def read_piece(piece: Piece, columns: Sequence[str], dtype=np.float32) -> np.ndarray:
+    """Reads the named columns of one piece into a float32 (or ``dtype``) array ``[piece.rows, len(columns)]``.
 
     Raises:
         CropYieldError: naming the file and, where known, the line (CSV) or row (Parquet) and column.
@@ -356,7 +367,7 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
         pa = _pyarrow()
         try:
             table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
-            out = _table_to_array(pa, table, columns)
+            out = _table_to_array(pa, table, columns, dtype)
             del table  # (a column at a time would hold less, but measured 1.6 times slower)
         except (pa.ArrowException, OSError, ValueError) as err:
             raise CropYieldError(
@@ -385,10 +396,10 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
                 pa.py_buffer(data),
                 read_options=pa.csv.ReadOptions(column_names=names, use_threads=True),
                 convert_options=pa.csv.ConvertOptions(
-                    include_columns=list(columns), column_types=dict.fromkeys(columns, pa.float32())
+                    include_columns=list(columns), column_types=dict.fromkeys(columns, _arrow_type(pa, dtype))
                 ),
             )
-            out = _table_to_array(pa, table, columns)
+            out = _table_to_array(pa, table, columns, dtype)
             if not np.isfinite(out).all():
                 out = None
         except (pa.ArrowException, ValueError):
@@ -398,21 +409,22 @@ def read_piece(piece: Piece, columns: Sequence[str]) -> np.ndarray:
             text = data.decode("utf-8-sig" if piece.start == 0 else "utf-8")
         except UnicodeDecodeError as err:
             raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
-        out = _parse_csv_lines(path, io.StringIO(text, newline=""), names, columns, piece.lines_before)
+        out = _parse_csv_lines(path, io.StringIO(text, newline=""), names, columns, piece.lines_before, dtype)
     return out[: piece.rows]
 
 
-def _table_to_array(pa, table, columns: Sequence[str]) -> np.ndarray:
-    """An Arrow table's columns copied once into a float32 array (empty cells raise ValueError)."""
-    out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+def _table_to_array(pa, table, columns: Sequence[str], dtype=np.float32) -> np.ndarray:
+    """An Arrow table's columns copied once into a float32 (or ``dtype``) array (empty cells raise ValueError)."""
+    out = np.empty((table.num_rows, len(columns)), dtype=dtype)
+    kind = _arrow_type(pa, dtype)
     for j, name in enumerate(columns):
         start = 0
         for chunk in table.column(name).chunks:
-            if chunk.type != pa.float32():
-                chunk = chunk.cast(pa.float32(), safe=False)  # out of float32's range: inf, refused later
+            if chunk.type != kind:
+                chunk = chunk.cast(kind, safe=False)  # out of float32's range: inf, refused later
             if chunk.null_count:
                 chunk = chunk.fill_null(float("nan"))  # an empty cell: NaN, refused later with its row
-            out[start : start + len(chunk), j] = _float32_values(chunk)
+            out[start : start + len(chunk), j] = _values(chunk, dtype)
             start += len(chunk)
     return out
 

@@ -30,6 +30,7 @@ from cropyield.errors import CropYieldError
 
 _VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor", "LeastSquaresRegressor")
 _HPARAMS = ("in_features", "out_features", "lr", "l2", "feature_names", "target_names", "standardize")
+_HPARAMS += ("fit_intercept", "cov_type")
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
@@ -131,11 +132,12 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
         CropYieldError: the file is missing, not a valid checkpoint, of an inconsistent shape, or
             holds pickled objects.
     """
-    from cropyield import model as models  # Lightning is needed only here
+    import cropyield  # Lightning is needed only here
 
     path = Path(path)
-    variant, kwargs, state = _spec(path, read_checkpoint(path, map_location))
-    cls = getattr(models, variant)
+    checkpoint = read_checkpoint(path, map_location)
+    variant, kwargs, state = _spec(path, checkpoint)
+    cls = getattr(cropyield, variant)
     accepted = inspect.signature(cls).parameters
     regressor = cls(**{k: v for k, v in kwargs.items() if k in accepted})
     try:
@@ -143,14 +145,23 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
     except RuntimeError as err:
         raise CropYieldError(f"{path}: weights do not fit the model ({' '.join(str(err).split())[:200]})") from None
     regressor.encoding = kwargs.get("encoding")
+    if hasattr(regressor, "load_fit_state"):  # the exact solver's statistics
+        regressor.load_fit_state(_exact_state(checkpoint))
     return regressor.eval()
+
+
+def _exact_state(checkpoint: dict) -> dict | None:
+    meta = checkpoint.get("cropyield")
+    exact = meta.get("exact") if isinstance(meta, dict) else None
+    return exact if isinstance(exact, dict) else None
 
 
 class LinearPredictor(nn.Module):
     """A checkpoint's weights with the same forward arithmetic as the regressor, without Lightning."""
 
-    def __init__(self, state: dict[str, torch.Tensor], hparams: dict) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], hparams: dict, exact: dict | None = None) -> None:
         super().__init__()
+        self.exact = exact  # an exact fit's statistics (intervals), or None
         self.feature_names = list(
             hparams.get("feature_names") or [f"feature_{i}" for i in range(hparams["in_features"])]
         )
@@ -168,10 +179,11 @@ class LinearPredictor(nn.Module):
         cls, path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
     ) -> LinearPredictor:
         path = Path(path)
-        _, kwargs, state = _spec(path, read_checkpoint(path, map_location))
+        checkpoint = read_checkpoint(path, map_location)
+        _, kwargs, state = _spec(path, checkpoint)
         kwargs.setdefault("in_features", state["linear.weight"].shape[1])
         kwargs.setdefault("out_features", state["linear.weight"].shape[0])
-        return cls(state, kwargs).eval()
+        return cls(state, kwargs, _exact_state(checkpoint)).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
@@ -185,7 +197,7 @@ def _names(model: nn.Module, kind: str) -> list[str]:
     return list(names) if names else []
 
 
-def encode_inputs(model: nn.Module, rows) -> torch.Tensor:
+def encode_inputs(model: nn.Module, rows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The model's input tensor for raw rows: lists of values in the input columns' order, or dicts
     keyed by column name; categorical values (strings) are encoded as training did.
 
@@ -196,7 +208,7 @@ def encode_inputs(model: nn.Module, rows) -> torch.Tensor:
     """
     spec = getattr(model, "encoding", None)
     encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(_names(model, "feature")))
-    return torch.from_numpy(encoding.encode_rows(rows))
+    return torch.from_numpy(encoding.encode_rows(rows, dtype=np.float64 if dtype == torch.float64 else np.float32))
 
 
 def _raw_rows(model: nn.Module, rows) -> bool:
@@ -210,19 +222,32 @@ def _raw_rows(model: nn.Module, rows) -> bool:
     return isinstance(rows, dict) or isinstance(first, dict)
 
 
-def predict(model: nn.Module, rows) -> torch.Tensor:
+def predict(model: nn.Module, rows, interval: float | None = None, kind: str = "prediction"):
     """Predicts yields for rows of inputs: a list of lists, a list of dicts keyed by column name,
     a numpy array or a tensor. A model with categorical columns takes the raw columns as lists or
     dicts, strings included (``[["Potatoes", 1485.0, 121.0, 16.4]]``), and encodes them as training
     did; a tensor or array holds its encoded features (the data module's rows).
 
+    Args:
+        model: a regressor (``load_regressor``) or a :class:`LinearPredictor`.
+        rows: the inputs, one row per region, in the model's feature order (raw columns, or dicts
+            keyed by column, for a model with categorical columns).
+        interval: a level such as 0.95: also return the interval of each prediction, as
+            statsmodels' ``get_prediction(...).summary_frame(alpha=1 - interval)`` (exact fits only).
+        kind: ``"prediction"``: where a new observation falls (``obs_ci_*``); ``"mean"``: the
+            confidence interval of the expected value (``mean_ci_*``).
+
     Returns:
-        A float32 CPU tensor ``[rows, targets]``, one column per target.
+        A float32 CPU tensor ``[rows, targets]``, one column per target; with ``interval``, a
+        :class:`~cropyield.summary.Prediction` with float64 ``.mean``, ``.lower``, ``.upper``.
 
     Raises:
         CropYieldError: the rows are ragged, have the wrong number of values, or hold non-numeric
-            or non-finite values, a missing cell or an unseen level.
+            or non-finite values, a missing cell or an unseen level; with ``interval``, no exact
+            least-squares fit backs the model.
     """
+    if interval is not None:
+        return _with_interval(model, rows, interval, kind)
     try:
         x = encode_inputs(model, rows) if _raw_rows(model, rows) else torch.as_tensor(rows, dtype=torch.float32)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -244,6 +269,29 @@ def predict(model: nn.Module, rows) -> torch.Tensor:
     model.eval()
     with torch.inference_mode():
         return model(x.to(device)).float().cpu()
+
+
+def _with_interval(model: nn.Module, rows, level: float, kind: str):
+    from cropyield.summary import prediction_intervals
+
+    state = model.exact if isinstance(model, LinearPredictor) else None
+    if state is None and callable(getattr(model, "fit_state", None)) and getattr(model, "factor", None) is not None:
+        state = model.fit_state()
+    if state is None:
+        raise CropYieldError(
+            "prediction intervals need an exact least-squares fit (LeastSquaresRegressor, l2=0); this model has none"
+        )
+    try:
+        raw = _raw_rows(model, rows)
+        x = encode_inputs(model, rows, torch.float64) if raw else torch.as_tensor(rows, dtype=torch.float64)
+    except (ValueError, TypeError, RuntimeError) as err:
+        if isinstance(err, CropYieldError):
+            raise
+        raise CropYieldError(
+            f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
+        ) from None
+    predict(model, x)  # the same checks of the rows as without an interval
+    return prediction_intervals(state, x.reshape(-1, x.shape[-1]) if x.ndim == 1 else x, level, kind)
 
 
 def _parse_values(values: Sequence[str], count: int) -> list[list[float]]:
@@ -291,6 +339,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write a CSV: the input columns plus one column per target")
     parser.add_argument("--json", action="store_true", help="print only a JSON array, one object per region")
     parser.add_argument("--units", default="tons per hectare", help="unit printed after the yields")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        metavar="LEVEL",
+        help="also give each prediction's interval at this level (e.g. 0.95): <target>_lower and <target>_upper "
+        "(exact least-squares checkpoints only)",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("prediction", "mean"),
+        default="prediction",
+        help="with --interval: where a new observation falls (prediction) or the expected value (mean)",
+    )
     return parser
 
 
@@ -311,29 +372,37 @@ def _run(args: argparse.Namespace) -> None:
     if model.encoding:  # raw columns in, strings included; encoded as training did
         if args.csv:
             rows, x = _raw_csv(args.csv, model)
-            with torch.inference_mode():
-                preds = model(x).float()
         else:
             rows = _groups(args.values, len(model.input_names))
-            preds = predict(model, rows)
+            x = encode_inputs(model, rows, torch.float64)
     else:
         if args.csv:
             from cropyield.files import read_table
 
-            rows = torch.from_numpy(read_table(args.csv, model.feature_names))
+            x = torch.from_numpy(read_table(args.csv, model.feature_names))
         else:
-            rows = torch.tensor(_parse_values(args.values, len(model.feature_names)))
-        preds = predict(model, rows)
-        rows = rows.tolist()
+            x = torch.tensor(_parse_values(args.values, len(model.feature_names)))
+        rows = x.tolist()
+    preds = predict(model, x.float())
+    names = list(model.target_names)
+    if args.interval is not None:
+        bounds = predict(model, x.double(), interval=args.interval, kind=args.kind)
+        # Each target followed by its bounds: apples, apples_lower, apples_upper, ...
+        preds = torch.stack([preds.double(), bounds.lower, bounds.upper], dim=2).reshape(len(preds), -1)
+        names = [f"{n}{suffix}" for n in model.target_names for suffix in ("", "_lower", "_upper")]
     if args.out:
-        _write_csv(Path(args.out), model.input_names + model.target_names,
-                   [[*x, *p] for x, p in zip(rows, preds.tolist(), strict=True)])  # fmt: skip
+        _write_csv(Path(args.out), model.input_names + names,
+                   [[*r, *p] for r, p in zip(rows, preds.double().tolist(), strict=True)])  # fmt: skip
     if args.json:
-        print(json.dumps([dict(zip(model.target_names, p, strict=True)) for p in preds.tolist()]))
+        print(json.dumps([dict(zip(names, p, strict=True)) for p in preds.tolist()]))
     elif not args.out:
-        for x, p in zip(rows, preds.tolist(), strict=True):
-            inputs = ", ".join(f"{n}={_shown(v)}" for n, v in zip(model.input_names, x, strict=True))
-            yields = ", ".join(f"{n} {v:.2f}" for n, v in zip(model.target_names, p, strict=True))
+        step = 3 if args.interval is not None else 1
+        for r, p in zip(rows, preds.tolist(), strict=True):
+            inputs = ", ".join(f"{n}={_shown(v)}" for n, v in zip(model.input_names, r, strict=True))
+            yields = ", ".join(
+                f"{n} {p[i * step]:.2f}" + (f" [{p[i * step + 1]:.2f}, {p[i * step + 2]:.2f}]" if step == 3 else "")
+                for i, n in enumerate(model.target_names)
+            )
             print(f"{inputs} -> {yields} ({args.units})")
     else:
         print(f"wrote {len(preds)} predictions to {args.out}")
@@ -359,7 +428,9 @@ def _raw_csv(path: str, model: LinearPredictor) -> tuple[list[list], torch.Tenso
     check_columns(path, model.input_names, read_columns(path))
     text = list(model.encoding["levels"])
     columns, where = read_cells(path, [c for c in model.input_names if c not in text], text)
-    x, _, _ = Encoding.from_dict(model.encoding).encode(columns, where=where, hint="prediction needs every cell")
+    x, _, _ = Encoding.from_dict(model.encoding).encode(
+        columns, where=where, hint="prediction needs every cell", dtype=np.float64
+    )
     values = [
         [c.keys[k] for k in c.codes] if isinstance(c, Coded) else c.tolist()
         for c in (columns[name] for name in model.input_names)

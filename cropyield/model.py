@@ -1,5 +1,5 @@
-"""The regressors, sharing one ``self.linear`` layout: ``nn.Linear`` + MSE + SGD (automatic), its
-manual-optimization twin from the tutorial, and the exact least-squares fit in one pass."""
+"""The SGD regressors, sharing one ``self.linear`` layout with the exact one (:mod:`cropyield.exact`):
+``nn.Linear`` + MSE + SGD (automatic) and its manual-optimization twin from the tutorial."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from functools import reduce
 
 import lightning as L
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from typing_extensions import override
 
@@ -23,7 +22,6 @@ from cropyield.batches import Chunk, Chunks
 from cropyield.data import FEATURE_NAMES, TARGET_NAMES, default_names
 from cropyield.errors import CropYieldError, CropYieldWarning, TrainingDivergedError
 from cropyield.graph import ChunkGraph, layout
-from cropyield.reference import LeastSquares, Moments, float32_fit, solve
 
 CHECKPOINT_FORMAT = 1
 
@@ -76,7 +74,8 @@ class BaseRegressor(L.LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self._scale(x))
+        # float64 rows (the exact solver's) are evaluated by the float32 layer; float32 ones pass as they are.
+        return self.linear(self._scale(x.to(self.linear.weight.dtype)))
 
     @override
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -155,7 +154,8 @@ class BaseRegressor(L.LightningModule):
 
     def _evaluate(self, batch, metrics: MetricCollection) -> None:
         x, y = batch
-        metrics.update(self(x), y)
+        preds = self(x)
+        metrics.update(preds, y.to(preds.dtype))
 
     def _log_metrics(self, stage: str, collection: MetricCollection) -> None:
         values = collection.compute()
@@ -425,183 +425,6 @@ class ManualSGDRegressor(CropYieldRegressor):
         return torch.sum(diff * diff) / diff.numel()
 
 
-class LeastSquaresStatistics(Metric):
-    """The float64 :class:`~cropyield.reference.Moments` of the ``[inputs | targets]`` rows seen.
-
-    A torchmetrics ``Metric`` so that torchmetrics gathers the per-process states under DDP;
-    :meth:`compute` then merges them in rank order, as ``PearsonCorrCoef`` merges its co-moments.
-    The maths lives in :mod:`cropyield.reference`; this class only keeps the state.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
-    def __init__(self, num_columns: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        empty = Moments.empty(num_columns)
-        self.add_state("count", empty.count, dist_reduce_fx=None)
-        self.add_state("mean", empty.mean, dist_reduce_fx=None)
-        self.add_state("comoment", empty.comoment, dist_reduce_fx=None)
-
-    def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        # One float64 work buffer, reused: a fresh one per batch costs page faults on every step.
-        work = getattr(self, "_work", None)
-        if work is None or work.shape[0] < len(inputs) or work.device != inputs.device:
-            width = inputs.shape[1] + targets.shape[1]
-            self._work = work = torch.empty(len(inputs), width, dtype=torch.float64, device=inputs.device)
-        merged = self.moments().merge(Moments.of(inputs, targets, work=work))
-        self.count, self.mean, self.comoment = merged.count, merged.mean, merged.comoment
-
-    def reset(self) -> None:
-        super().reset()
-        self._work = None  # the float64 work buffer is not needed again until the next pass
-
-    def moments(self) -> Moments:
-        """This process's summary (the states as they are, not gathered)."""
-        return Moments(self.count, self.mean, self.comoment)
-
-    def compute(self) -> Moments:
-        if self.count.ndim == 0:  # one process
-            return self.moments()
-        # Gathered from every process: stacked in rank order.
-        states = zip(self.count, self.mean, self.comoment, strict=True)
-        return reduce(Moments.merge, (Moments(*state) for state in states))
-
-
-class _CountBatches(torch.optim.Optimizer):
-    """An optimizer whose step changes nothing: it lets Lightning count the batches of an exact
-    pass as steps, so ``global_step``, ``max_steps`` and step checkpoints keep their meaning."""
-
-    def __init__(self, params) -> None:
-        super().__init__(params, {})
-
-    def step(self, closure=None):
-        return closure() if closure is not None else None
-
-
-class LeastSquaresRegressor(BaseRegressor):
-    """The exact least-squares (or ridge) fit, in one pass of the Lightning Trainer: no SGD.
-
-    Every ``training_step`` adds its batch to float64 sufficient statistics (count, means, centred
-    co-moments); after the epoch's last batch they are merged (across processes under DDP) and solved, and
-    ``self.linear`` holds the solution. Another epoch recomputes the same answer, so ``max_epochs: 1``
-    is all it needs. The data module serves every training row exactly once to this model, under
-    DDP too. Singular data (a constant or duplicated column, fewer rows than features) gets the
-    minimum-norm solution and a warning naming the columns at fault.
-
-    Args:
-        in_features: number of input columns.
-        out_features: number of targets.
-        l2: ridge penalty, as scikit-learn's ``Ridge(alpha=l2)``: minimizes
-            ``‖Y - X Wᵀ - b‖² + l2 ‖W‖²``, the intercept not penalized. 0 is ordinary least squares.
-        feature_names: names of the inputs, recorded in checkpoints.
-        target_names: names of the targets, used in metric names and predictions.
-        standardize: fit on standardized inputs (the data module's feature statistics, stored in the
-            checkpoint); with ``l2 > 0`` the penalty then applies to the standardized weights.
-    """
-
-    def __init__(
-        self,
-        in_features: int = 3,
-        out_features: int = 2,
-        l2: float = 0.0,
-        feature_names: Sequence[str] | None = None,
-        target_names: Sequence[str] | None = None,
-        standardize: bool = False,
-    ) -> None:
-        super().__init__(in_features, out_features, feature_names, target_names, standardize, l2=float(l2))
-        if not l2 >= 0:
-            raise CropYieldError(f"l2 must be zero or positive, got {l2}")
-        self.automatic_optimization = False
-        self.statistics = LeastSquaresStatistics(in_features + out_features)
-        self.solution: LeastSquares | None = None  # the last solve, in float64
-        self.moments: Moments | None = None  # the statistics it solved (of the scaled inputs with standardize)
-        self._solved = False
-
-    @override
-    def training_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        self.statistics.update(x, y)
-        self.optimizers().step()
-        # Solved now rather than at the epoch's end: validation and its checkpoints run before
-        # `on_train_epoch_end`, and must see the solution.
-        if self.trainer.is_last_batch:
-            self._solve()
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        if not self._resumed_pass:
-            self.statistics.reset()
-        self._resumed_pass = self._solved = False
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        if not self._solved:  # the epoch was cut short (max_steps, limit_train_batches)
-            self._solve()
-
-    def _solve(self) -> None:
-        moments = self.statistics.compute()  # gathered and merged in rank order under DDP
-        self.statistics.reset()  # a checkpoint from now on holds no partial pass
-        p = self.hparams.in_features
-        if self.hparams.standardize:
-            moments = moments.scaled(p, self.feature_mean, self.feature_std)
-        fit = solve(moments, p, self.hparams.l2, self.hparams.feature_names)
-        if fit.problems:
-            rank_zero_warn(
-                f"the data is singular ({fit.problems}); using the minimum-norm least-squares solution",
-                category=CropYieldWarning,
-            )
-        weight, bias = float32_fit(fit, moments, p)
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias)
-        self.solution, self.moments, self._solved = fit, moments, True
-        self.log("train/loss", fit.mse, on_step=False, on_epoch=True)  # the MSE, as the SGD variants log
-
-    @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return _CountBatches(self.parameters())
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # A checkpoint made in the middle of the pass carries every process's statistics so far,
-        # so a resumed run finishes the same pass instead of losing the rows already read.
-        state = self.statistics.moments()
-        if self.trainer.world_size > 1:
-            state = Moments(*(self.all_gather(t) for t in (state.count, state.mean, state.comoment)))
-        checkpoint["cropyield"]["partial_pass"] = {
-            "count": state.count.cpu(),
-            "mean": state.mean.cpu(),
-            "comoment": state.comoment.cpu(),
-        }
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        partial = (checkpoint.get("cropyield") or {}).get("partial_pass")
-        self._resumed_pass = False
-        if not partial or self._trainer is None:
-            return
-        count, mean, comoment = partial["count"], partial["mean"], partial["comoment"]
-        if count.ndim:  # saved under DDP: this process's own share
-            if len(count) != self.trainer.world_size:
-                raise CropYieldError(
-                    f"this checkpoint was saved by {len(count)} processes in the middle of an exact pass; "
-                    f"resume it with as many (not {self.trainer.world_size}) or start the pass again"
-                )
-            rank = self.trainer.global_rank
-            count, mean, comoment = count[rank], mean[rank], comoment[rank]
-        self.statistics.count, self.statistics.mean, self.statistics.comoment = (
-            t.to(self.device, torch.float64) for t in (count, mean, comoment)
-        )
-        self._resumed_pass = True
-
-    exact_pass = True  # tells the data module to serve every training row exactly once
-    _resumed_pass = False
-
-
 def _metrics(num_targets: int) -> MetricCollection:
     # Per-target values; the overall figure logged is their mean (every target has the same rows).
     return MetricCollection(
@@ -645,3 +468,12 @@ def _quiet_lightning() -> None:
 # Now, for the Trainer built before any hook runs; `setup` repeats it for warning filters that
 # were reset since (pytest resets them around every test).
 _quiet_lightning()
+
+
+def __getattr__(name: str):
+    # The exact regressor moved to cropyield.exact; configs and code naming cropyield.model's still work.
+    if name in ("LeastSquaresRegressor", "LeastSquaresStatistics"):
+        from cropyield import exact
+
+        return getattr(exact, name)
+    raise AttributeError(f"module 'cropyield.model' has no attribute {name!r}")

@@ -1,6 +1,8 @@
-"""The ``cropyield-report`` command: a PNG of a run's training loss and predicted vs actual yields.
+"""The ``cropyield-report`` command: a PNG of a run's training loss and predicted vs actual yields,
+or the statistics table of an exact least-squares checkpoint.
 
     cropyield-report --log-dir . --ckpt checkpoints/last.ckpt --out report.png
+    cropyield-report --ckpt checkpoints/last.ckpt --summary [--json] [--alpha 0.05]
 
 matplotlib comes with the ``report`` extra: ``pip install 'cropyield[report]'``.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -97,20 +100,50 @@ def draw(run: Path, ckpt: Path, out: Path, dpi: int = 100) -> Path:
     return out
 
 
+def summary_text(ckpt: Path, alpha: float = 0.05, as_json: bool = False) -> str:
+    """The statistics of an exact least-squares checkpoint: the table, or ``to_dict()`` as JSON.
+
+    Raises:
+        CropYieldError: the checkpoint is not an exact ordinary least-squares fit (SGD, ridge, singular data).
+    """
+    from cropyield.inference import _exact_state, _spec, read_checkpoint
+    from cropyield.summary import RegressionSummary
+
+    checkpoint = read_checkpoint(ckpt)
+    variant, _, _ = _spec(ckpt, checkpoint)
+    state = _exact_state(checkpoint)
+    if variant != "LeastSquaresRegressor" or state is None:
+        raise CropYieldError(
+            f"{ckpt}: a {variant} checkpoint has no least-squares statistics (trained by SGD); fit with "
+            "--config exact.yaml for standard errors"
+        )
+    summary = RegressionSummary.of(state, alpha)
+    return json.dumps(summary.to_dict(), indent=2) if as_json else str(summary)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``cropyield-report``: errors are one line on stderr and exit code 2."""
     parser = argparse.ArgumentParser(
         prog="cropyield-report",
-        description="Draw a run's training loss per epoch and predicted vs actual yields into a PNG.",
+        description="Draw a run's training loss per epoch and predicted vs actual yields into a PNG, or print an "
+        "exact fit's statistics (--summary).",
     )
     parser.add_argument(
-        "--log-dir", required=True, help="the run's default_root_dir (its newest run is used) or one version folder"
+        "--log-dir", help="the run's default_root_dir (its newest run is used) or one version folder (for the PNG)"
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint whose predictions to plot")
+    parser.add_argument("--ckpt", required=True, help="checkpoint whose predictions to plot or statistics to print")
     parser.add_argument("--out", default="report.png", help="PNG file to write (default: report.png)")
     parser.add_argument("--dpi", type=int, default=100, help="resolution (default: 100)")
+    parser.add_argument("--summary", action="store_true", help="print the exact fit's statistics table instead")
+    parser.add_argument("--json", action="store_true", help="with --summary: print its numbers as JSON")
+    parser.add_argument("--alpha", type=float, default=0.05, help="with --summary: 1 - the intervals' level")
     args = parser.parse_args(argv)
+    if not args.summary and args.log_dir is None:
+        parser.error("--log-dir is required (unless --summary)")
     try:
+        if args.summary:
+            print(summary_text(Path(args.ckpt), args.alpha, args.json))
+            return
         path = draw(find_run(args.log_dir), Path(args.ckpt), Path(args.out), args.dpi)
     except CropYieldError as err:
         print(f"cropyield-report: error: {err}", file=sys.stderr)

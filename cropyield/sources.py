@@ -30,7 +30,7 @@ from cropyield.cells import read_cells
 from cropyield.encoding import Coded, Column, Encoding, check_levels, drop_message, learn_levels, missing_mask
 from cropyield.errors import CropYieldError
 from cropyield.files import Piece, list_pieces, read_piece, read_table
-from cropyield.reference import Moments
+from cropyield.reference import QRFactor
 from cropyield.streaming import StreamedBatches, StreamedRows, StreamSource, held_out, read_ahead
 
 
@@ -58,8 +58,8 @@ class RowSource:
         """Validation, test or prediction batches, in order; this process's share under DDP."""
         raise NotImplementedError
 
-    def statistics(self, rank: int, world: int) -> Moments:
-        """The float64 :class:`~cropyield.reference.Moments` of the training rows."""
+    def statistics(self, rank: int, world: int) -> QRFactor:
+        """The float64 :class:`~cropyield.reference.QRFactor` of the training rows."""
         raise NotImplementedError
 
     statistics_cost_a_pass = False  # whether :meth:`statistics` reads the files again
@@ -100,8 +100,8 @@ class TableSource(RowSource):
         # which would shift the next training shuffle away from the tutorial's.
         return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=False, generator=torch.Generator())
 
-    def statistics(self, rank: int, world: int) -> Moments:
-        return Moments.of_table(self.train)
+    def statistics(self, rank: int, world: int) -> QRFactor:
+        return QRFactor.of_table(self.train, self.num_features)
 
 
 class StreamedSource(RowSource):
@@ -121,8 +121,8 @@ class StreamedSource(RowSource):
     def eval_loader(self, batch_size: int, rank: int, world: int):
         return StreamedRows(self.stream, self.num_features, batch_size, self.part, rank, world)
 
-    def statistics(self, rank: int, world: int) -> Moments:
-        return self.stream.statistics(rank, world)
+    def statistics(self, rank: int, world: int) -> QRFactor:
+        return self.stream.statistics(self.num_features, rank, world)
 
 
 # --- reading the data set: a table at once, or pieces after a first pass ----------------------
@@ -202,21 +202,24 @@ class RowReader:
         levels = {**learn_levels(found, self.max_levels, self.name), **given}
         return Encoding(tuple(layout.inputs), {c: tuple(levels[c]) for c in layout.inputs if c in levels})
 
-    def fit_source(self, encoding: Encoding, seed: int, fast_path_min_rows: int, rank: int = 0, world: int = 1):
-        """The training rows and the held-out ones (the same rows when none are held out); a first
-        pass that is still to be made (streaming, ``missing="drop"``) is shared by the processes."""
+    def fit_source(
+        self, encoding: Encoding, seed: int, fast_path_min_rows: int, rank: int = 0, world: int = 1, dtype=torch.float32
+    ) -> RowSource:
+        """The training rows and the held-out ones (the same rows when none are held out), in
+        ``dtype`` (float64: the exact solver's reads); a first pass that is still to be made
+        (streaming, ``missing="drop"``) is shared by the processes."""
         layout, width = self.layout, len(encoding.feature_names)
         if self.streaming:
             pieces = self._pieces(layout.used)
             if not self.raw:
-                stream = StreamSource(pieces, layout.used, self.val_fraction, seed)
+                stream = StreamSource(pieces, layout.used, self.val_fraction, seed, dtype)
             else:
                 found = self._learned
                 if not isinstance(found, Survey):
                     self._learned = found = self._survey(pieces, seed, rank, world)
                 names = [*encoding.feature_names, *layout.targets]
-                stream = StreamSource(pieces, names, self.val_fraction, seed, read=encoded_reader(layout, encoding),
-                                      counts=(found.train_counts, found.val_counts))  # fmt: skip
+                read, counts = encoded_reader(layout, encoding), (found.train_counts, found.val_counts)
+                stream = StreamSource(pieces, names, self.val_fraction, seed, dtype, read=read, counts=counts)
             train, held = sum(stream.train_counts), sum(p.rows for p in pieces) - sum(stream.train_counts)
             if self.raw:
                 held = sum(stream.val_counts) if self.val_fraction > 0 else held
@@ -228,9 +231,9 @@ class RowReader:
             return StreamedSource(stream, width)
         if isinstance(self._learned, tuple):  # the raw columns read to learn the levels: encoded once
             (columns, _), self._learned = self._learned, None
-            rows = self._encode(columns, encoding, layout)
+            rows = self._encode(columns, encoding, layout, dtype)
         else:
-            rows = self._rows(layout, encoding)
+            rows = self._rows(layout, encoding, dtype)
         train, held = self._split(rows, seed)
         return TableSource(train, held, width, fast_path_min_rows)
 
@@ -289,17 +292,18 @@ class RowReader:
                 keep &= ~missing_mask(columns[name])
         return columns, keep
 
-    def _rows(self, layout: Layout, encoding: Encoding) -> torch.Tensor:
-        """Every row as one encoded float32 table (rows with a missing cell dropped, if asked)."""
+    def _rows(self, layout: Layout, encoding: Encoding, dtype=torch.float32) -> torch.Tensor:
+        """Every row as one encoded table (rows with a missing cell dropped, if asked)."""
         if not self.raw and not layout.text:
-            return self._numbers(layout.used)
+            return self._numbers(layout.used, dtype)
         columns, _ = self._raw_columns(layout.used, layout.missing)
-        return self._encode(columns, encoding, layout)
+        return self._encode(columns, encoding, layout, dtype)
 
-    def _encode(self, columns: dict[str, Column], encoding: Encoding, layout: Layout) -> torch.Tensor:
+    def _encode(self, columns: dict[str, Column], encoding: Encoding, layout: Layout, dtype=torch.float32):
         total = len(next(iter(columns.values())))
         where = lambda i: f"{self.name}, row {i + 1}"  # noqa: E731
-        table, keep, counts = encoding.encode(columns, layout.targets, layout.missing, where, layout.hint)
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        table, keep, counts = encoding.encode(columns, layout.targets, layout.missing, where, layout.hint, np_dtype)
         if keep is not None:
             table = table[keep]
         if layout.missing == "drop":
@@ -319,38 +323,44 @@ class RowReader:
             )
         return (rows, rows) if train is None else (rows[train], rows[held])
 
-    def _numbers(self, wanted: Sequence[str]) -> torch.Tensor:
+    def _numbers(self, wanted: Sequence[str], dtype=torch.float32) -> torch.Tensor:
         """Clean numeric rows through the fast readers (no text, no missing cell allowed)."""
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
         if self.files is not None and len(self.files) == 1:
-            rows = torch.from_numpy(read_table(self.files[0], wanted))
+            rows = torch.from_numpy(read_table(self.files[0], wanted, np_dtype))
         elif self.files is not None:  # a folder: its pieces, each copied once into one table
             pieces = list_pieces(self.files, wanted, self.limit_rows)
-            table = np.empty((sum(p.rows for p in pieces), len(wanted)), dtype=np.float32)
+            table = np.empty((sum(p.rows for p in pieces), len(wanted)), dtype=np_dtype)
             start = 0
             for piece in pieces:
-                table[start : start + piece.rows] = read_piece(piece, wanted)
+                table[start : start + piece.rows] = read_piece(piece, wanted, np_dtype)
                 start += piece.rows
             rows = torch.from_numpy(table)
         else:
             columns, table = self.memory
             order = [columns.index(c) for c in wanted]
-            # Columns already in order are a view: no second copy of the user's rows.
+            # Columns already in order are a view: no second copy of the user's rows. float32 rows
+            # stay float32 (the exact solver widens each batch); float64 ones are rounded for SGD only.
             rows = table[:, : len(order)] if order == list(range(len(order))) else table[:, order]
+            if rows.dtype != torch.float32 and dtype == torch.float32:
+                rows = rows.float()
         if self.limit_rows is not None:
             rows = rows[: self.limit_rows]
         return rows
 
 
-def read_encoded(piece: Piece | str, layout: Layout, encoding: Encoding) -> tuple[np.ndarray, np.ndarray | None]:
-    """One file or piece, encoded: the float32 table and the mask of rows kept (None: all)."""
+def read_encoded(
+    piece: Piece | str, layout: Layout, encoding: Encoding, dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One file or piece, encoded: the table and the mask of rows kept (None: all)."""
     columns, where = read_cells(piece, layout.numeric, layout.text)
-    table, keep, _ = encoding.encode(columns, layout.targets, layout.missing, where, layout.hint)
+    table, keep, _ = encoding.encode(columns, layout.targets, layout.missing, where, layout.hint, dtype)
     return table, keep
 
 
-def encoded_reader(layout: Layout, encoding: Encoding) -> Callable[[Piece], tuple[np.ndarray, np.ndarray | None]]:
+def encoded_reader(layout: Layout, encoding: Encoding) -> Callable[[Piece, type], tuple[np.ndarray, np.ndarray | None]]:
     """The piece reader of a :class:`StreamSource` over raw files."""
-    return lambda piece: read_encoded(piece, layout, encoding)
+    return lambda piece, dtype: read_encoded(piece, layout, encoding, dtype)
 
 
 @dataclass

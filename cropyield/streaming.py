@@ -37,7 +37,7 @@ import torch
 from cropyield.batches import EpochCounter, Resumable
 from cropyield.errors import CropYieldError
 from cropyield.files import Piece, read_piece
-from cropyield.reference import Moments
+from cropyield.reference import QRFactor
 
 DEFAULT_SHUFFLE_BUFFER = 1 << 20
 _END = object()
@@ -126,8 +126,10 @@ class StreamSource:
         pieces: the pieces, in order.
         columns: the columns of the rows served: read from the files as they are by default.
         val_fraction, seed: the held-out split.
-        read: reads a piece into its rows and the mask of those kept (None: all), when the files'
-            columns are not the rows' (categorical columns encoded, rows with a missing cell dropped).
+        dtype: of the training rows (float64: the exact solver's reads); evaluation rows are float32.
+        read: reads a piece, in a dtype, into its rows and the mask of those kept (None: all), when
+            the files' columns are not the rows' (categorical columns encoded, rows with a missing
+            cell dropped).
         counts: the rows each piece serves for training and for validation, when ``read`` drops some.
     """
 
@@ -137,12 +139,14 @@ class StreamSource:
         columns: Sequence[str],
         val_fraction: float,
         seed: int,
+        dtype=torch.float32,
         *,
-        read: Callable[[Piece], tuple[np.ndarray, np.ndarray | None]] | None = None,
+        read: Callable[[Piece, type], tuple[np.ndarray, np.ndarray | None]] | None = None,
         counts: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> None:
         _fixed_mmap_threshold()
         self.pieces, self.columns = list(pieces), list(columns)
+        self.dtype = np.float64 if dtype == torch.float64 else np.float32  # float64: the exact solver's reads
         self.val_fraction, self.seed, self._read = val_fraction, seed, read
         if counts is not None:
             self.train_counts, self.val_counts = list(counts[0]), list(counts[1])
@@ -154,24 +158,26 @@ class StreamSource:
     def read(self, index: int, part: str = "train") -> np.ndarray:
         """One piece's rows: ``train`` (not held out), ``val`` (held out; all rows when nothing is) or ``all``."""
         piece = self.pieces[index]
-        rows, keep = (read_piece(piece, self.columns), None) if self._read is None else self._read(piece)
+        dtype = self.dtype if part == "train" else np.float32
+        rows, keep = (read_piece(piece, self.columns, dtype), None) if self._read is None else self._read(piece, dtype)
         if part == "all" or self.val_fraction <= 0:
             return rows if keep is None else rows[keep]
         mask = held_out(piece, self.seed, self.val_fraction)
         mask = mask if part == "val" else ~mask
         return rows[mask if keep is None else mask & keep]
 
-    def statistics(self, rank: int = 0, world_size: int = 1) -> Moments:
-        """The training rows' :class:`Moments` in one streaming pass; this process reads every
-        ``world_size``-th piece and the summaries are merged across processes, in rank order."""
+    def statistics(self, num_features: int, rank: int = 0, world_size: int = 1) -> QRFactor:
+        """The training rows' :class:`QRFactor` in one streaming pass; this process reads every
+        ``world_size``-th piece and the factors are merged across processes, in rank order."""
         mine = [i for i in range(len(self.pieces)) if i % world_size == rank and self.train_counts[i]]
-        parts = [Moments.of_table(torch.from_numpy(rows), 1 << 16) for rows in read_ahead(mine, self.read)]
-        local = reduce(Moments.merge, parts, Moments.empty(len(self.columns)))
+        local = QRFactor.empty(num_features, len(self.columns) - num_features)
+        for rows in read_ahead(mine, self.read):
+            local = local.update(torch.from_numpy(rows))
         if world_size == 1:
             return local
         gathered: list = [None] * world_size
-        torch.distributed.all_gather_object(gathered, (local.count, local.mean, local.comoment))
-        return reduce(Moments.merge, (Moments(*state) for state in gathered))
+        torch.distributed.all_gather_object(gathered, local)
+        return reduce(QRFactor.merge, gathered)
 
 
 def deal(counts: Sequence[int], order: Iterable[int], world_size: int) -> list[list[int]]:

@@ -200,11 +200,11 @@ def quality(rows: torch.Tensor, f: int, device, epochs: int = 3) -> tuple[float,
         accelerator=device.type, devices=1, max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     ).fit(model, dm)  # fmt: skip
-    # The data module's statistics (computed once for standardize) give both numbers: no further pass.
-    model, moments = model.cpu(), dm.statistics()
-    scaled = moments.scaled(f, model.feature_mean, model.feature_std)
-    final = float(scaled.mse(f, model.linear.weight.detach(), model.linear.bias.detach()).mean())
-    return final, solve(moments, f).mse
+    # The data module's QR factor (computed once for standardize) gives both numbers: no further pass.
+    model, factor = model.cpu(), dm.statistics()
+    scaled = factor.scaled(model.feature_mean, model.feature_std)
+    final = float(scaled.mse(model.linear.weight.detach(), model.linear.bias.detach()).mean())
+    return final, solve(factor).mse
 
 
 def one(n: int, device: torch.device, seconds: float, data_dir: Path, skip_ingest: bool) -> dict:

@@ -324,8 +324,12 @@ def test_shipped_configs_build(argv, tmp_path):
 def test_exact_config_prints_the_optimum_reached_and_r2(tmp_path):
     result = run("cropyield", "fit", "--config", "exact.yaml", cwd=tmp_path)
     lines = result.stdout.strip().splitlines()
-    assert re.fullmatch(r"Training R²: apples 0\.99\d\d, oranges 0\.99\d\d", lines[-2]), lines[-2]
-    assert lines[-1] == "Final training MSE: 0.9094 (least-squares optimum on the same rows: 0.9094)"
+    at = lines.index("Final training MSE: 0.9094 (least-squares optimum on the same rows: 0.9094)")
+    assert re.fullmatch(r"Training R²: apples 0\.99\d\d, oranges 0\.99\d\d", lines[at - 1]), lines[at - 1]
+    # Then the statistics table of each target (its numbers are checked against statsmodels in test_exact.py).
+    table = "\n".join(lines[at + 1 :])
+    assert table.count("OLS Regression Results") == 2 and "Dep. Variable:                 oranges" in table
+    assert re.search(r"^rainfall +0\.8423 ", table, re.M) and lines[-1].startswith("The condition number is large")
     assert not result.stderr.strip(), result.stderr
     model = load_regressor(tmp_path / "checkpoints" / "last.ckpt")
     design = torch.cat([INPUTS.double(), torch.ones(15, 1, dtype=torch.float64)], 1)

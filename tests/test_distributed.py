@@ -54,13 +54,20 @@ def test_ddp_on_two_cpu_processes(tmp_path, fast_path):
 
 
 @pytest.mark.slow
-def test_exact_solver_under_ddp_reads_every_row_once_and_equals_one_process(tmp_path):
+def test_exact_solver_under_ddp_reads_every_row_once_and_matches_statsmodels(tmp_path):
+    import statsmodels.api as sm
+
+    from .test_exact import assert_matches, expected_summary
+
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1001, 3, generator=g) * 10 + 50  # an odd count: the ranks' shares differ
-    y = x @ torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]]).T + torch.randn(1001, 2, generator=g)
+    y = x @ torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]]).T + torch.randn(1001, 2, generator=g) * x[:, :1] / 50
     write_csv(tmp_path / "d.csv", ["temp", "rainfall", "humidity", "apples", "oranges"], torch.cat([x, y], 1).tolist())
-    x, y = (torch.from_numpy(t) for t in np.split(read_table(tmp_path / "d.csv", list(COLUMNS)), [3], axis=1))
-    args = ["--config", "exact.yaml", "--data.data_path", "d.csv", "--data.batch_size", "64"]
+    # The exact solver reads the CSV text in float64: so does the reference.
+    table = read_table(tmp_path / "d.csv", list(COLUMNS), dtype=np.float64)
+    x, y = (torch.from_numpy(t) for t in np.split(table, [3], axis=1))
+    args = ["--config", "exact.yaml", "--data.data_path", "d.csv", "--data.batch_size", "64",
+            "--model.init_args.cov_type", "HC1"]  # fmt: skip
     (tmp_path / "ddp").mkdir()
     (tmp_path / "ddp" / "d.csv").write_bytes((tmp_path / "d.csv").read_bytes())
     result, records, weights = ddp_fit(tmp_path / "ddp", *args, epochs=1)
@@ -69,21 +76,22 @@ def test_exact_solver_under_ddp_reads_every_row_once_and_equals_one_process(tmp_
     assert sorted(seen[0] + seen[1]) == sorted(map(tuple, x.tolist()))
     for name in ("weight", "bias"):
         assert torch.equal(weights[0][name], weights[1][name])
-    run("cropyield", "fit", *args, cwd=tmp_path)
-    one = load_regressor(tmp_path / "checkpoints" / "last.ckpt")
     ddp = load_regressor(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
-    torch.testing.assert_close(ddp.linear.weight, one.linear.weight, rtol=1e-6, atol=0)
-    torch.testing.assert_close(ddp.linear.bias, one.linear.bias, rtol=1e-6, atol=0)
-    design = np.c_[x.double().numpy(), np.ones(1001)]
-    solution = np.linalg.lstsq(design, y.double().numpy(), rcond=None)[0]
-    optimum = ((design @ solution - y.double().numpy()) ** 2).mean()
-    w, b = ddp.linear.weight.detach().double().numpy(), ddp.linear.bias.detach().double().numpy()
-    assert ((x.double().numpy() @ w.T + b - y.double().numpy()) ** 2).mean() / optimum - 1 < 1e-6
+    design = np.c_[x.numpy(), np.ones(1001)]
+    solution = np.linalg.lstsq(design, y.numpy(), rcond=None)[0]
+    np.testing.assert_allclose(ddp.solution.weight.numpy(), solution[:3].T, rtol=1e-11)
+    np.testing.assert_allclose(ddp.linear.weight.detach().numpy(), solution[:3].T, rtol=2**-23)
+    optimum = ((design @ solution - y.numpy()) ** 2).mean()
     final = re.search(
         r"Final training MSE: ([\d.]+) \(least-squares optimum on the same rows: ([\d.]+)\)",
         result.stdout,
     )
     assert final[1] == final[2] == f"{optimum:.4f}"
+    # Its statistics, from the 2-process passes (the HC pass too), are statsmodels' on all the rows.
+    summary = json.loads(run("cropyield-report", "--ckpt", "checkpoints/last.ckpt", "--summary", "--json",
+                             cwd=tmp_path / "ddp").stdout)  # fmt: skip
+    assert_matches(summary, expected_summary(x, y, "HC1"), rel=1e-9)
+    assert sm  # statsmodels computed the reference above
 
 
 @pytest.mark.slow
@@ -103,11 +111,16 @@ def test_streamed_folder_under_ddp_reads_disjoint_shares(tmp_path):
         assert not set(ids[0]) & set(ids[1])
         for name in ("weight", "bias"):
             assert torch.equal(weights[0][name], weights[1][name])
-        if exact:  # every row exactly once across the two processes
+        if exact:  # every row exactly once across the two processes, and statsmodels' fit of them
             assert sorted(ids[0] + ids[1]) == rows[:, 0].tolist()
-            assert re.search(
-                r"Final training MSE: ([\d.]+) \(least-squares optimum on the same rows: \1\)", result.stdout
+            design = np.c_[np.ones(len(rows)), rows[:, :3]]
+            solution = np.linalg.lstsq(design, rows[:, 3:], rcond=None)[0]
+            optimum = ((design @ solution - rows[:, 3:]) ** 2).mean()
+            assert f"Final training MSE: {optimum:.4f} (least-squares optimum on the same rows: {optimum:.4f})" in (
+                result.stdout
             )
+            fitted = load_regressor(folder / "checkpoints" / "last.ckpt")
+            np.testing.assert_allclose(fitted.solution.weight.numpy(), solution[1:].T, rtol=1e-11)
         else:  # the same number of rows each; what is left out is less than a piece
             assert len(ids[0]) == len(ids[1]) and len(rows) - 2 * len(ids[0]) < 250 + 2
 
