@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,11 +15,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from cropyield.errors import CropYieldWarning
+from cropyield.batches import Chunk, Chunks
+from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor
 from cropyield.reference import QRFactor, max_stable_lr, solve
@@ -45,7 +52,8 @@ class ProgressReport(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "lr" not in pl_module.hparams or not trainer.is_global_zero:
+        # Every rank takes the same branch: a streamed statistics pass gathers across processes.
+        if "lr" not in pl_module.hparams:
             return
         dm = trainer.datamodule
         if not getattr(dm, "statistics_in_hand", True):
@@ -77,10 +85,9 @@ class ProgressReport(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Computed on every rank (a streamed pass gathers the ranks' shares), printed on rank 0.
         moments = _statistics(trainer, pl_module)
-        if moments is None:
+        if moments is None or not trainer.is_global_zero:
             return
         weight, bias = pl_module.linear.weight.detach(), pl_module.linear.bias.detach()
         final = moments.mse(weight, bias)
@@ -114,6 +121,107 @@ def _statistics(trainer: L.Trainer, pl_module: L.LightningModule) -> QRFactor | 
     if pl_module.hparams.standardize:
         factor = factor.scaled(pl_module.feature_mean, pl_module.feature_std)
     return factor
+
+
+class LongWorkProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, shown only for work that lasts: a bar appears once its epoch (or
+    validation, test, predict run) has taken ``delay`` seconds, so the tutorial's 3-batch epochs
+    print nothing. It counts batches, also when several are trained in one call (chunked steps),
+    and shows the rows per second.
+
+    Args:
+        delay: seconds a bar stays hidden after its epoch or run starts.
+    """
+
+    def __init__(self, delay: float = 3.0, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.delay = delay
+        self._batches, self._rows, self._start = 0, 0, time.perf_counter()
+
+    @property
+    @override
+    def total_train_batches(self):
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, Chunks):
+            return len(loader.loader)  # batches, not the calls that train them
+        return super().total_train_batches
+
+    @override
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_sanity_tqdm)
+
+    @override
+    def init_train_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_train_tqdm)
+
+    @override
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_validation_tqdm)
+
+    @override
+    def init_test_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_test_tqdm)
+
+    @override
+    def init_predict_tqdm(self) -> Tqdm:
+        return self._delayed(super().init_predict_tqdm)
+
+    def _delayed(self, make) -> Tqdm:
+        # Lightning's bar with its own settings, built as a _DelayedTqdm: a bar built with tqdm's
+        # default draws itself at once, before it could be told to wait.
+        module = sys.modules[TQDMProgressBar.__module__]
+        module.Tqdm = functools.partial(_DelayedTqdm, delay=self.delay)
+        try:
+            return make()
+        finally:
+            module.Tqdm = Tqdm
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._batches, self._rows, self._start = 0, 0, time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        batches = batch if isinstance(batch, Chunk) else [batch]
+        self._batches += len(batches)
+        self._rows += sum(len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in batches)
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(self._batches, bar.total):
+            bar.n = self._batches
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    @override
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        seconds = time.perf_counter() - self._start
+        if trainer.training and self._rows and seconds > 0:
+            metrics["rows/s"] = f"{self._rows / seconds:,.0f}"
+        return metrics
+
+
+class _DelayedTqdm(Tqdm):
+    """A bar that draws nothing until ``delay`` seconds after it was (re)started: Lightning redraws
+    it with ``refresh()``, which tqdm's own ``delay`` does not hold back."""
+
+    def refresh(self, *args, **kwargs):
+        if self.disable:  # another rank's bar: tqdm set nothing else up
+            return super().refresh(*args, **kwargs)
+        if self._time() < getattr(self, "start_t", 0.0) + self.delay:
+            return None
+        self.last_print_t = self._time()  # tqdm's close() then draws the final state and a newline
+        return super().refresh(*args, **kwargs)
+
+
+class RealSteps(Callback):
+    """Makes the step that loggers record (``metrics.csv``'s ``step``) count optimizer steps, as
+    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches."""
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if isinstance(batch, Chunk):
+            # Lightning adds one per call after this hook: the total is then global_step.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step - 1
 
 
 class StepTimer(Callback):
@@ -157,14 +265,115 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_interruption: dict[str, Any] = {}  # the signal that stopped the last fit, and what was saved
+
+
+def interruption() -> dict[str, Any]:
+    """The signal that stopped the last fit in this process (``signum``, ``path`` saved, ``step``), or {}."""
+    return dict(_interruption)
+
+
 class CropYieldCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` always ends up holding the fit's final weights.
+    """``ModelCheckpoint`` whose ``last.ckpt`` always ends up holding the fit's final weights, and
+    the weights of the step reached when a signal stops the fit.
 
     Lightning's writes ``last.ckpt`` at its save points only (every N steps, epochs) and once more at
     the end only when it never wrote one: a 2,400-step run saved every 7 steps keeps step 2,394's.
     Here the end of training writes ``last.ckpt`` again whenever steps were taken since the last save,
     and ``every_n_train_steps`` writes it from the first step on, before any validation.
+
+    SIGTERM (Lightning's handler sets ``trainer.received_sigterm``) and SIGINT (handled here the same
+    way, instead of a ``KeyboardInterrupt`` in the middle of a step) let the step under way finish;
+    ``last.ckpt`` is then written as a step checkpoint would be, resumable with ``--ckpt_path last``,
+    and the fit stops with :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException`
+    (``cropyield`` then exits with 128 + the signal's number); a training loader that cannot save its
+    position (a plain ``DataLoader``) stops at the end of its epoch instead. Under DDP the ranks agree on stopping
+    at the same step (one small all-reduce per ``training_step`` call). A second signal while the
+    checkpoint is written changes nothing: the write is atomic and not interrupted.
     """
+
+    _signum: int | None = None
+    _previous_sigint = None
+    _stop_at_epoch_end = False
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._signum, self._stop_at_epoch_end = None, False
+        _interruption.clear()
+        version = getattr(trainer.logger, "version", None)
+        self._run_name = f"version_{version}" if isinstance(version, int) else (version or None)
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            connector = trainer._signal_connector
+
+            def on_sigint(signum, frame) -> None:
+                self._signum = self._signum or signum
+                connector.received_sigterm = True  # Lightning's loops then stop as on SIGTERM
+
+            self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+        super().teardown(trainer, pl_module, stage)
+
+    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
+
+    @override
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self.keep_earlier:
+            self.keep_earlier = False
+            kept = self.keep_earlier_run() if trainer.is_global_zero else None
+            if kept:
+                print(f"cropyield: {kept}", flush=True)
+        super()._save_checkpoint(trainer, filepath)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The run's log version, so that a later run can keep this run's files under its name.
+        return {**super().state_dict(), "run_name": getattr(self, "_run_name", None)}
+
+    def keep_earlier_run(self) -> str | None:
+        """Moves the checkpoints of an earlier run that this fit would replace (``last.ckpt``, the
+        best and step checkpoints) into ``<dirpath>/<that run's log version>/``; returns a line
+        saying where, or None when there were none. Called on rank 0 before a fresh fit's first write."""
+        if not self.dirpath or "://" in str(self.dirpath) or not os.path.isdir(self.dirpath):
+            return None
+        folder = Path(self.dirpath)
+        prefix = (self.filename or "epoch=").split("{", 1)[0]
+        ours = sorted(
+            p
+            for p in folder.glob("*.ckpt")
+            if p.is_file() and (p.name.startswith(self.CHECKPOINT_NAME_LAST) or p.name.startswith(prefix))
+        )
+        if not ours:
+            return None
+        name = _run_name(folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", ours)
+        target = folder / name
+        for i in range(1, 1000):
+            if not target.exists():
+                break
+            target = folder / f"{name}-{i}"
+        target.mkdir()
+        for path in ours:
+            os.replace(path, target / path.name)
+        return f"the earlier run's checkpoints ({', '.join(p.name for p in ours)}) are kept in {target}/"
+
+    def _stop_asked(self, trainer: L.Trainer) -> bool:
+        asked = bool(trainer.received_sigterm)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([int(asked)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
+
+    def _save_on_signal(self, trainer: L.Trainer) -> None:
+        signum = self._signum or signal.SIGTERM
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        _interruption.update(signum=int(signum), path=self.last_model_path, step=trainer.global_step)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -180,12 +389,54 @@ class CropYieldCheckpoint(ModelCheckpoint):
             and not self._should_skip_saving_checkpoint(trainer)
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # Here, where a step checkpoint is written, so that the interrupted run resumes as from one.
+        if self._stop_asked(trainer):
+            if hasattr(trainer.train_dataloader, "state_dict"):
+                self._save_on_signal(trainer)
+                raise SIGTERMException
+            # A plain DataLoader resumes only from an epoch's end (its position is not saved): the
+            # epoch is finished first (the tutorial's take milliseconds), then Lightning stops.
+            trainer._signal_connector.received_sigterm = False
+            self._stop_at_epoch_end = True
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._stop_at_epoch_end:
+            trainer._signal_connector.received_sigterm = True  # the next epoch's start raises SIGTERMException
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A signal met outside a training step (validation, between epochs): the state there is an
+        # epoch boundary's or a validation's, which Lightning resumes from too.
+        if isinstance(exception, KeyboardInterrupt):
+            self._signum = self._signum or signal.SIGINT
+        elif not isinstance(exception, SIGTERMException) or _interruption:
+            return
+        if trainer.state.fn == "fit" and trainer.global_step > 0:
+            self._save_on_signal(trainer)
+        else:
+            _interruption.update(signum=int(self._signum or signal.SIGTERM), path=None, step=trainer.global_step)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_checkpoint_saved and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+def _run_name(last: Path, files: list[Path]) -> str:
+    """The log version recorded in an earlier run's ``last.ckpt``, else its files' time."""
+    try:
+        states = read_checkpoint(last).get("callbacks", {}) if last.is_file() else {}
+    except CropYieldError:
+        states = {}
+    for state in states.values() if isinstance(states, dict) else []:
+        name = state.get("run_name") if isinstance(state, dict) else None
+        if isinstance(name, str) and name and os.sep not in name and not name.startswith("."):
+            return name
+    newest = max(p.stat().st_mtime for p in files)
+    return time.strftime("run-%Y%m%d-%H%M%S", time.localtime(newest))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

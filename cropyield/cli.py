@@ -9,29 +9,50 @@ cropyield predict --ckpt_path checkpoints/last.ckpt
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.util
-import inspect
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
-from cropyield.callbacks import AtomicCheckpointIO, CropYieldCheckpoint, CSVPredictionWriter, ProgressReport
+from cropyield.arguments import (
+    CONFIG_DIR,
+    LINKS,
+    check_agreement,
+    checkpoint_file,
+    given_keys,
+    one_line,
+    preprocess,
+    saved_model,
+    shipped_config,
+)
+from cropyield.callbacks import (
+    AtomicCheckpointIO,
+    CropYieldCheckpoint,
+    CSVPredictionWriter,
+    LongWorkProgressBar,
+    ProgressReport,
+    RealSteps,
+    interruption,
+)
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
 from cropyield.inference import _spec, read_checkpoint
 from cropyield.model import BaseRegressor
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+__all__ = ["CONFIG_DIR", "CropYieldCLI", "cli_main", "main", "shipped_config"]
 DEFAULT_SEED = 42
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class CropYieldCLI(LightningCLI):
@@ -56,7 +77,7 @@ class CropYieldCLI(LightningCLI):
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
         # Model sizes and names follow the data, so any file trains with no model flags; a model
         # rebuilt from a checkpoint keeps the checkpoint's values (see `_parse_ckpt_path`).
-        for source, target in _LINKS:
+        for source, target in LINKS:
             parser.link_arguments(
                 f"data.{source}",
                 f"model.init_args.{target}",
@@ -86,23 +107,24 @@ class CropYieldCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
-        path = _checkpoint_file(config, subcommand)
+        path = checkpoint_file(config, subcommand)
         if path is None:
             return
         checkpoint = read_checkpoint(path)
         if subcommand != "fit":  # fit resumes a checkpoint of any moment, even mid-pass
             _spec(Path(path), checkpoint)  # weights that fit their hyper-parameters, a finished pass
-        variant, hparams = _saved_model(path, checkpoint)
-        given = _given_keys(self._args, subcommand)
+        cls, hparams = saved_model(path, checkpoint)
+        variant = cls.__name__
+        given = given_keys(self._args, subcommand)
         data = {key: hparams[key] for key in ("feature_names", "target_names") if key in hparams}
         encoding = (checkpoint.get("cropyield") or {}).get("encoding")
         if isinstance(encoding, dict) and isinstance(encoding.get("columns"), list):
             data["feature_names"] = encoding["columns"]  # categorical: the data reads the raw columns
             data["levels"] = encoding.get("levels")  # and encodes them with the checkpoint's levels
-        _check_agreement(path, config, given, variant, hparams, data)
+        check_agreement(path, config, given, variant, hparams, data)
         if subcommand == "fit" and "standardize" in hparams:
             data["standardize"] = hparams["standardize"]  # a resumed fit recomputes the same scaler
-        model = {"class_path": f"cropyield.model.{variant}", "init_args": hparams}
+        model = {"class_path": f"{cls.__module__}.{variant}", "init_args": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": model, "data": data}}, self.config)
         self._checkpoint_model = (path, hparams)
 
@@ -129,145 +151,34 @@ class CropYieldCLI(LightningCLI):
             kwargs["logger"] = _default_loggers(root)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        trainer = super().instantiate_trainer(**kwargs)
+        kwargs["callbacks"] = [*(config.get("callbacks") or []), RealSteps()]
+        if config.get("enable_progress_bar") is not False:
+            kwargs["callbacks"].append(LongWorkProgressBar())
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+            if isinstance(err, CropYieldError):
+                raise
+            # Lightning checks its arguments here (`max_epochs` must be ..., devices, strategy):
+            # the user's mistake, named as the flag that set it.
+            message = " ".join(str(err).split())
+            keys = list(dict(config))
+            named = [k for k in keys if re.search(rf"`{re.escape(k)}`|\b{re.escape(k)}=", message)]
+            named = named or [k for k in keys if re.search(rf"\b{re.escape(k)}\b", message)]
+            raise CropYieldError(
+                (f"--trainer.{named[0]}: " if named else "invalid Trainer arguments: ") + message
+            ) from None
         # Set before fit starts: `fit(ckpt_path="last")` looks only in the dirpath known by then.
         for callback in trainer.checkpoint_callbacks:
             if callback.dirpath is None:
                 callback.dirpath = os.path.join(root, "checkpoints")
+        # A fresh fit replaces last.ckpt and same-named best checkpoints: an earlier run's are kept
+        # (moved aside before this run's first write, so a run that fails first changes nothing).
+        if self.subcommand == "fit" and not self.config.fit.get("ckpt_path"):
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, CropYieldCheckpoint):
+                    callback.keep_earlier = True
         return trainer
-
-
-# (data module attribute, model argument): what the model takes from the data it is trained on.
-_LINKS = (
-    ("num_features", "in_features"),
-    ("num_targets", "out_features"),
-    ("feature_names", "feature_names"),
-    ("target_names", "target_names"),
-    ("standardize", "standardize"),
-)
-# Model arguments whose values the data module's arguments of the same name give.
-_FROM_DATA = ("feature_names", "target_names", "standardize")
-
-
-def _checkpoint_file(config, subcommand: str) -> str | None:
-    """The checkpoint file ``--ckpt_path`` names (``last`` and ``hpc`` resolved as Lightning will),
-    or None when there is none to read."""
-    ckpt_path = config.get("ckpt_path")
-    if not ckpt_path:
-        return None
-    if ckpt_path in ("last", "hpc", "best") and not Path(ckpt_path).exists():
-        root = config.trainer.get("default_root_dir") or os.getcwd()
-        if ckpt_path == "last":
-            folder = config.get("checkpoint", {}).get("dirpath") or os.path.join(root, "checkpoints")
-            last = os.path.join(folder, "last.ckpt")
-            return last if os.path.isfile(last) else None
-        if ckpt_path == "hpc":
-            versions = [int(m[1]) for f in os.listdir(root) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f))]
-            return os.path.join(root, f"hpc_ckpt_{max(versions)}.ckpt") if versions else None
-        return None  # "best" is the best of the fit just run, within one process
-    return ckpt_path
-
-
-def _saved_model(path: str, checkpoint: dict) -> tuple[str, dict]:
-    """The checkpoint's model class name and the arguments of that class it was built with."""
-    from cropyield import model as models
-
-    meta = checkpoint.get("cropyield") if isinstance(checkpoint.get("cropyield"), dict) else {}
-    variant = meta.get("class", "CropYieldRegressor")
-    cls = getattr(models, str(variant), None)
-    if not (isinstance(cls, type) and issubclass(cls, BaseRegressor)) or cls is BaseRegressor:
-        raise CropYieldError(f"{path}: unknown model class {variant!r}")
-    saved = checkpoint.get("hyper_parameters")
-    if not isinstance(saved, dict):
-        raise CropYieldError(f"{path}: not a cropyield checkpoint (no hyper_parameters)")
-    accepted = inspect.signature(cls).parameters
-    return variant, {k: v for k, v in saved.items() if k in accepted}
-
-
-def _given_keys(args: list[str], subcommand: str) -> set[str]:
-    """The ``model.*`` and ``data.*`` keys that the command line or its config files set, such as
-    ``model.class_path``, ``model.init_args.lr``, ``data.standardize``: values a checkpoint must
-    agree with (a key left at its default is the checkpoint's to fill)."""
-    keys: set[str] = set()
-    for i, arg in enumerate(args):
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            keys |= _config_keys(args[i + 1], subcommand)
-        elif arg.startswith("--config="):
-            keys |= _config_keys(arg.split("=", 1)[1], subcommand)
-        elif arg.startswith("--"):
-            keys.add(_normalized(arg[2:].split("=", 1)[0].rstrip("+")))
-    return keys
-
-
-def _config_keys(path: str, subcommand: str) -> set[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return set()  # the parser has read it already, or reported it
-    if isinstance(config, dict) and isinstance(config.get(subcommand), dict):
-        config = config[subcommand]
-    keys: set[str] = set()
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, dict) and prefix.count(".") < 3:
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
-        elif prefix:
-            keys.add(_normalized(prefix))
-
-    walk(config, "")
-    return keys
-
-
-def _normalized(key: str) -> str:
-    """``model`` -> ``model.class_path``, ``model.lr`` -> ``model.init_args.lr``."""
-    parts = key.split(".")
-    if parts[0] != "model":
-        return key
-    if len(parts) == 1:
-        return "model.class_path"
-    if parts[1] in ("init_args", "dict_kwargs"):
-        return "model.init_args." + ".".join(parts[2:])
-    return key if parts[1] == "class_path" else "model.init_args." + ".".join(parts[1:])
-
-
-def _check_agreement(path: str, config, given: set[str], variant: str, hparams: dict, data: dict | None = None) -> None:
-    """Refuses, in one line, arguments that contradict the model a checkpoint holds (``data``: the
-    values the data module takes from it, where they are not the model's: raw categorical columns)."""
-    problems = []
-    if "model.class_path" in given:
-        named = str(config.model.class_path).rsplit(".", 1)[-1]
-        if named != variant:
-            problems.append(f"--model {named}")
-    for key in sorted(k for k in given if k.startswith("model.init_args.")):
-        name = key.split(".")[2]
-        value = config.model.get("init_args", {}).get(name)
-        if name not in hparams:
-            problems.append(f"--model.{name} (a {variant} has no {name})")
-        elif not _same(value, hparams[name]):
-            problems.append(f"--model.{name} {_shown(value)} (saved: {_shown(hparams[name])})")
-    for name in _FROM_DATA:
-        value, saved = config.data.get(name), (data or {}).get(name, hparams.get(name))
-        if f"data.{name}" in given and name in hparams and value is not None and not _same(value, saved):
-            problems.append(f"--data.{name} {_shown(value)} (saved: {_shown(saved)})")
-    if problems:
-        raise CropYieldError(
-            f"{path}: {'; '.join(problems)}: contradicts the {variant} this checkpoint holds, which is rebuilt "
-            "as it was saved (drop the argument, or train a new model without --ckpt_path)"
-        )
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    return a == b
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(map(str, value)) + "]"
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _default_loggers(root: str) -> list:
@@ -278,23 +189,6 @@ def _default_loggers(root: str) -> list:
     return loggers
 
 
-def shipped_config(name: str) -> str:
-    """Resolves ``--config tutorial.yaml`` to the shipped config when no such file is here."""
-    if not os.path.exists(name) and (CONFIG_DIR / name).is_file():
-        return str(CONFIG_DIR / name)
-    return name
-
-
-def _resolve_configs(args: list[str]) -> list[str]:
-    args = list(args)
-    for i, arg in enumerate(args):
-        if i and args[i - 1] in ("-c", "--config"):
-            args[i] = shipped_config(arg)
-        elif arg.startswith("--config="):
-            args[i] = "--config=" + shipped_config(arg.split("=", 1)[1])
-    return args
-
-
 def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
     """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv[1:]`` in tests.
 
@@ -302,17 +196,23 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CropYieldCLI:
     ``from_scratch.yaml``, ``fast.yaml``, ``exact.yaml``).
     """
     if args is None:  # the console script: LightningCLI reads sys.argv itself
-        sys.argv[1:] = _resolve_configs(sys.argv[1:])
+        sys.argv[1:] = preprocess(sys.argv[1:])
     else:
-        args = _resolve_configs(args)
+        args = preprocess(args)
     return CropYieldCLI(
         BaseRegressor,
         CropYieldDataModule,
         subclass_mode_model=True,
         seed_everything_default=DEFAULT_SEED,
-        trainer_defaults={"max_epochs": 100, "enable_progress_bar": False},
+        trainer_defaults={"max_epochs": 100, "enable_progress_bar": True},  # a bar for long work only
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False, "description": "Train and use the crop-yield regressor."},
+        parser_kwargs={
+            "default_env": False,
+            "description": "Train and use the crop-yield regressor.",
+            # Parse errors are raised, and printed by main() in one line, not after the whole usage.
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in SUBCOMMANDS},
+        },
         args=args,
         run=run,
         auto_configure_optimizers=False,
@@ -329,12 +229,37 @@ def main() -> None:
     one_line_warnings("cropyield")
     try:
         cli_main()
+    except SystemExit:  # Lightning's SIGTERMException, or its exit(1) after a KeyboardInterrupt
+        stopped = interruption()
+        if not stopped:
+            raise
+        name = signal.Signals(stopped["signum"]).name
+        saved = f"saved {stopped['path']} at step {stopped['step']}" if stopped["path"] else "nothing to save yet"
+        print(f"cropyield: stopped by {name}: {saved}; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + stopped["signum"])
+    except argparse.ArgumentError as err:  # jsonargparse's, for a value of the wrong type or an unknown flag
+        _fail(one_line(str(err)))
     except Exception as err:
-        cause = _user_error(err)
+        cause = _user_error(err) or _mismatch(err)
         if cause is None:
             raise
-        print(f"cropyield: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(cause))
+
+
+def _fail(message: str) -> None:
+    print(f"cropyield: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _mismatch(err: BaseException) -> str | None:
+    """Lightning's many-line size-mismatch error on loading weights, in one line."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or "Error(s) in loading state_dict" not in text:
+        return None
+    details = [" ".join(line.split()) for line in text.splitlines() if "size mismatch" in line or "Missing key" in line]
+    return "the checkpoint's weights do not fit the model of this run: " + "; ".join(
+        details or [text.split("\n", maxsplit=1)[0]]
+    )
 
 
 def _user_error(err: BaseException | None) -> CropYieldError | None:

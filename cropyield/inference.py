@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
+import math
 import os
 import pickle
 import sys
@@ -185,6 +187,10 @@ class LinearPredictor(nn.Module):
         kwargs.setdefault("out_features", state["linear.weight"].shape[0])
         return cls(state, kwargs, _exact_state(checkpoint)).eval()
 
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
             x = (x - self.feature_mean) / self.feature_std
@@ -192,8 +198,7 @@ class LinearPredictor(nn.Module):
 
 
 def _names(model: nn.Module, kind: str) -> list[str]:
-    hparams = getattr(model, "hparams", None)
-    names = getattr(model, f"{kind}_names", None) or (hparams or {}).get(f"{kind}_names")
+    names = getattr(model, f"{kind}_names", None) or (getattr(model, "hparams", None) or {}).get(f"{kind}_names")
     return list(names) if names else []
 
 
@@ -263,12 +268,117 @@ def predict(model: nn.Module, rows, interval: float | None = None, kind: str = "
     if x.ndim != 2 or x.shape[1] != expected:
         named = f" ({', '.join(features)})" if features else ""
         raise CropYieldError(f"expected {expected} values per row{named}, got rows of shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    # A finite sum is the cheap common case; only a non-finite one needs the element-wise look, as
+    # large finite values can overflow a float32 sum. A request's few values are summed in Python:
+    # a torch reduction costs as much as the prediction itself.
+    total = sum(itertools.chain.from_iterable(x.tolist())) if x.numel() <= 64 else x.sum().item()
+    if not math.isfinite(total) and not torch.isfinite(x).all():
         raise CropYieldError("inputs must be finite numbers (found NaN or infinity)")
-    device = next(iter(model.state_dict().values())).device
-    model.eval()
-    with torch.inference_mode():
-        return model(x.to(device)).float().cpu()
+    device = getattr(model, "device", None) or next(itertools.chain(model.parameters(), model.buffers())).device
+    if model.training:
+        model.eval()
+    with torch.inference_mode():  # the conversions are skipped where they would do nothing
+        preds = model(x if x.device == device else x.to(device))
+    preds = preds if preds.dtype == torch.float32 else preds.float()
+    return preds if preds.device.type == "cpu" else preds.cpu()
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FEW_ROWS = 16
+
+
+def rows_tensor(rows, feature_names: Sequence[str]) -> torch.Tensor:
+    """Validates rows decoded from JSON: lists in feature order, or objects keyed by feature name.
+
+    An object's keys other than the feature names are ignored, as ``cropyield-predict --csv``
+    ignores a file's other columns (ids, notes); a missing feature is an error.
+
+    Example:
+        >>> rows = [[75, 63, 44], {"humidity": 44, "temp": 75, "rainfall": 63, "id": 7}]
+        >>> rows_tensor(rows, ["temp", "rainfall", "humidity"])
+        tensor([[75., 63., 44.],
+                [75., 63., 44.]])
+
+    Returns:
+        A float32 tensor ``[rows, features]``.
+
+    Raises:
+        CropYieldError: naming the first bad row and feature (a missing key, a wrong count, a string,
+            ``true``/``false``, NaN, infinity or a number beyond float32's range).
+    """
+    names = list(feature_names)
+    if not isinstance(rows, list) or not rows:
+        raise CropYieldError('"rows" must be a non-empty list of rows')
+    if dict in set(map(type, rows)):
+        rows = [_in_order(i, row, names) if type(row) is dict else row for i, row in enumerate(rows)]
+    if len(rows) <= _FEW_ROWS and all(type(row) is list and len(row) == len(names) for row in rows):
+        # A few rows (most requests): checked value by value in Python, cheaper than torch ops;
+        # the comparison is False for NaN, infinity, beyond float32, and true/false are refused.
+        values = list(itertools.chain.from_iterable(rows))
+        if all(type(v) in (int, float) and -_FLOAT32_MAX <= v <= _FLOAT32_MAX for v in values):
+            return torch.tensor(rows, dtype=torch.float32)
+    try:
+        x = torch.tensor(rows, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        x = None
+    # Many rows: one C conversion and a finite sum. torch reads true/false as 1/0 and names no row,
+    # so a body with either, or any value the conversion refuses, goes through the loop that finds
+    # it (which also clears large finite values whose float32 sum overflowed).
+    if (
+        x is not None
+        and x.shape == (len(rows), len(names))
+        and math.isfinite(x.sum().item())
+        and bool not in set(map(type, itertools.chain.from_iterable(rows)))
+    ):
+        return x
+    problem = _first_problem(rows, names)
+    if problem is not None:
+        raise problem
+    return x if x is not None else torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float32)
+
+
+def _in_order(i: int, row: dict, names: list[str]) -> list:
+    missing = [name for name in names if name not in row]
+    if missing:
+        raise CropYieldError(f"row {i}: missing {missing} (a row holds {names}; other keys are ignored)")
+    return [row[name] for name in names]
+
+
+def _first_problem(rows: list, names: list[str]) -> CropYieldError | None:
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(names):
+            return CropYieldError(f"row {i}: expected {len(names)} values ({', '.join(names)}), got {row!r:.60}")
+        for name, value in zip(names, row, strict=True):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return CropYieldError(f"row {i}, {name}: {value!r:.40} is not a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                return CropYieldError(f"row {i}, {name}: {value} is not a finite number")
+            if abs(value) > _FLOAT32_MAX:
+                shown = f"{value:.4g}" if abs(value) < 1e308 else f"a {len(str(abs(value)))}-digit number"
+                return CropYieldError(f"row {i}, {name}: {shown} is beyond float32's range (3.4e38)")
+    return None
+
+
+def prediction_table(
+    model: nn.Module, rows, interval: float | None = None, kind: str = "prediction"
+) -> tuple[torch.Tensor, list[str]]:
+    """The predictions as columns with their names, as ``cropyield-predict`` and the server give them.
+
+    Without ``interval``: one float32 column per target (``apples, oranges``); with it, float64,
+    each target followed by its bounds (``apples, apples_lower, apples_upper, ...``).
+    """
+    preds = predict(model, rows)
+    if interval is None:
+        return preds, list(model.target_names)
+    bounds = predict(model, rows, interval=interval, kind=kind)
+    preds = torch.stack([preds.double(), bounds.lower, bounds.upper], dim=2).reshape(len(preds), -1)
+    return preds, [f"{n}{suffix}" for n in model.target_names for suffix in ("", "_lower", "_upper")]
+
+
+def records(preds: torch.Tensor, target_names: Sequence[str]) -> list[dict[str, float]]:
+    """Predictions as JSON-ready objects, one per row: ``[{"apples": ..., "oranges": ...}, ...]``."""
+    names = list(target_names)
+    return [dict(zip(names, row, strict=True)) for row in preds.tolist()]
 
 
 def _with_interval(model: nn.Module, rows, level: float, kind: str):
@@ -383,18 +493,12 @@ def _run(args: argparse.Namespace) -> None:
         else:
             x = torch.tensor(_parse_values(args.values, len(model.feature_names)))
         rows = x.tolist()
-    preds = predict(model, x.float())
-    names = list(model.target_names)
-    if args.interval is not None:
-        bounds = predict(model, x.double(), interval=args.interval, kind=args.kind)
-        # Each target followed by its bounds: apples, apples_lower, apples_upper, ...
-        preds = torch.stack([preds.double(), bounds.lower, bounds.upper], dim=2).reshape(len(preds), -1)
-        names = [f"{n}{suffix}" for n in model.target_names for suffix in ("", "_lower", "_upper")]
+    preds, names = prediction_table(model, x, args.interval, args.kind)
     if args.out:
         _write_csv(Path(args.out), model.input_names + names,
                    [[*r, *p] for r, p in zip(rows, preds.double().tolist(), strict=True)])  # fmt: skip
     if args.json:
-        print(json.dumps([dict(zip(names, p, strict=True)) for p in preds.tolist()]))
+        print(json.dumps(records(preds, names)))
     elif not args.out:
         step = 3 if args.interval is not None else 1
         for r, p in zip(rows, preds.tolist(), strict=True):

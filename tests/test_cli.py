@@ -1,8 +1,10 @@
 """The console commands, driven in subprocesses as a user would (and in-process for --help)."""
 
+import csv
 import inspect
 import json
 import re
+import shutil
 import sys
 
 import pytest
@@ -46,6 +48,7 @@ def test_fit_with_no_arguments_is_the_tutorial_run(trained):
     config = yaml.safe_load(next((folder / "lightning_logs").glob("version_*/config.yaml")).read_text())
     assert config["seed_everything"] == 42 and config["trainer"]["max_epochs"] == 100
     assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr
+    assert "it/s" not in result.stdout and "\r" not in result.stdout  # no progress bar for 3-batch epochs
 
 
 def test_fit_equals_the_tutorial_loop_from_the_default_seed(trained):
@@ -137,12 +140,72 @@ def test_lightningcli_predict_writes_a_csv(trained, tmp_path):
     assert torch.equal(got[:, 3:], expected)
 
 
-def test_running_again_in_the_same_folder_works(trained):
+def own_copy(trained, tmp_path):
+    """The trained folder copied, for a test that writes in it (the fixture stays as the run left it)."""
+    shutil.copytree(trained[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_running_again_keeps_the_earlier_runs_checkpoints_and_starts_a_new_log_version(trained, tmp_path):
+    folder = own_copy(trained, tmp_path)
+    before = {p.name: p.read_bytes() for p in (folder / "checkpoints").glob("*.ckpt")}
+    result = run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=folder)
+    kept = folder / "checkpoints" / "version_0"
+    assert f"cropyield: the earlier run's checkpoints (best-epoch099.ckpt, last.ckpt) are kept in {kept}/" in (
+        result.stdout.splitlines()
+    )
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the newest run's
+    assert sorted(p.name for p in (folder / "checkpoints").glob("*.ckpt")) == ["best-epoch001.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (folder / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert (folder / "lightning_logs" / "version_0" / "metrics.csv").read_bytes() == (
+        trained[0] / "lightning_logs" / "version_0" / "metrics.csv"
+    ).read_bytes()
+
+
+def test_resuming_keeps_its_own_checkpoints_in_place(tmp_path):
+    run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=tmp_path)
+    result = run("cropyield", "fit", "--trainer.max_epochs", "3", "--ckpt_path", "last", cwd=tmp_path)
+    assert "kept in" not in result.stdout and not [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]
+
+
+def logged(folder, key: str) -> dict[int, float]:
+    """A metric of the run's CSV log, by epoch."""
+    with open(folder / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
+        return {int(row["epoch"]): float(row[key]) for row in csv.DictReader(f) if row[key]}
+
+
+def test_the_logged_epoch_loss_is_the_tutorial_loops(trained):
+    torch.manual_seed(42)
+    reference = nn.Linear(3, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(INPUTS, TARGETS), 5, shuffle=True)
+    opt = torch.optim.SGD(reference.parameters(), lr=1e-5)
+    expected = []
+    for _ in range(100):
+        total = 0.0
+        for xb, yb in loader:
+            loss = torch.nn.functional.mse_loss(reference(xb), yb)
+            total += loss.item() * len(xb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        expected.append(total / len(INPUTS))
+    got = logged(trained[0], "train/loss")
+    assert sorted(got) == list(range(100))
+    assert [got[e] for e in range(100)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_best_checkpoint_is_the_epoch_of_the_lowest_val_mse(trained):
     folder, _ = trained
-    before = (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=folder)
-    assert (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns > before
-    assert not list((folder / "checkpoints").glob("last-v*.ckpt"))
+    val = logged(folder, "val/mse")
+    best = min(val, key=val.get)
+    (path,) = (folder / "checkpoints").glob("best-epoch*.ckpt")
+    assert path.name == f"best-epoch{best:03d}.ckpt"
+    assert torch.load(path, weights_only=True)["epoch"] == best
+    model = load_regressor(path)
+    with torch.no_grad():
+        mse = float(((model(INPUTS).double() - TARGETS.double()) ** 2).mean())
+    assert mse == pytest.approx(val[best], rel=1e-5)  # the value logged is the checkpoint's own
 
 
 def test_manual_variant_through_its_config_equals_the_hand_written_loop(tmp_path):
@@ -274,6 +337,32 @@ def test_the_checkpoints_own_config_agrees_with_it(variants, tmp_path):
     assert reported(result.stdout, "test/mse") == pytest.approx(float(((expected - TARGETS) ** 2).mean()), rel=1e-5)
 
 
+def test_a_long_epoch_shows_a_bar_counting_batches_and_metrics_count_optimizer_steps(tmp_path, capsys):
+    import lightning as L
+
+    from cropyield.callbacks import LongWorkProgressBar, RealSteps
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 3, generator=g)
+    dm = CropYieldDataModule.from_tensors(x, x @ torch.ones(3, 2), batch_size=4, fast_path_min_rows=8, steps_per_call=8)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[LongWorkProgressBar(delay=0), RealSteps()],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )
+    trainer.fit(CropYieldRegressor(lr=0.1), dm)
+    out = capsys.readouterr().out
+    assert "Epoch 1: 100%" in out and "100/100 [" in out and "rows/s=" in out  # 100 batches, in 13 calls
+    assert trainer.global_step == 200
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
+        steps = {int(row["epoch"]): int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]}
+    assert steps == {0: 99, 1: 199}  # as the tutorial's run logs step 2 for its 3-step epoch 0
+
+
 @pytest.fixture
 def argv(monkeypatch):
     """In-process CLI calls: sys.argv holds only the program, as under the console script."""
@@ -292,6 +381,9 @@ def test_help_documents_every_argument(argv, capsys):
     for name in inspect.signature(CropYieldDataModule).parameters:
         assert f"--data.{name}" in text and documented(CropYieldDataModule, name) in text, name
     assert "--model" in text and "--checkpoint.monitor" in text and "--report.every_n_epochs" in text
+    assert re.search(
+        r"--trainer\.enable_progress_bar .*?Default: ``True``\. \(type: Optional\[bool\], default: True\)", text
+    )
     for cls in (CropYieldRegressor, ManualSGDRegressor, LeastSquaresRegressor):
         with pytest.raises(SystemExit):
             cli_main(["fit", "--model.help", cls.__name__])
@@ -300,15 +392,22 @@ def test_help_documents_every_argument(argv, capsys):
             assert f"--model.{name}" in text and documented(cls, name) in text, name
 
 
-def test_print_config_round_trip(argv, tmp_path, capsys):
+def test_print_config_then_config_reproduces_the_runs_weights(argv, tmp_path, capsys):
+    flags = ["--model.lr", "2e-05", "--data.batch_size", "3", "--trainer.max_epochs", "4"]
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--model.lr", "2e-05", "--data.batch_size", "3", "--print_config"])
+        cli_main(["fit", *flags, "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["init_args"]["lr"] == 2e-05 and config["data"]["batch_size"] == 3
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run("cropyield", "fit", "--config", "config.yaml", "--trainer.max_epochs", "1", cwd=tmp_path)
-    assert load_regressor(tmp_path / "checkpoints" / "last.ckpt").hparams.lr == 2e-05
-    saved = yaml.safe_load(next((tmp_path / "lightning_logs").glob("version_*/config.yaml")).read_text())
+    (tmp_path / "flags").mkdir()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    run("cropyield", "fit", *flags, cwd=tmp_path / "flags")
+    run("cropyield", "fit", "--config", "config.yaml", cwd=tmp_path / "config")
+    a = load_regressor(tmp_path / "flags" / "checkpoints" / "last.ckpt")
+    b = load_regressor(tmp_path / "config" / "checkpoints" / "last.ckpt")
+    assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
+    assert torch.load(tmp_path / "config" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4 * 5
+    saved = yaml.safe_load(next((tmp_path / "config" / "lightning_logs").glob("version_*/config.yaml")).read_text())
     assert saved["data"]["batch_size"] == 3
 
 
@@ -392,12 +491,35 @@ def test_fit_on_bad_data_is_one_line_exit_2_and_touches_no_checkpoint(tmp_path, 
         (["--model.lr", "-1"], "lr must be positive, got -1.0"),
         (["--data.batch_size", "0"], "batch_size must be at least 1, got 0"),
         (["--data.val_fraction", "2"], "val_fraction must be in [0, 1), got 2.0"),
+        (["--data.batch_size", "zero"], "--data.batch_size: invalid value 'zero' (expected an integer)"),
+        (["--trainer.max_epochs", "-3"], "--trainer.max_epochs: `max_epochs` must be a non-negative integer"),
+        (["--trainer.devices", "0"], "--trainer.devices: "),
+        (["--model", "Nope"], "--model: invalid value 'Nope'"),
     ],
 )
 def test_fit_with_bad_arguments_is_one_line_exit_2(tmp_path, args, fragment):
     result = run("cropyield", "fit", *args, cwd=tmp_path, check_rc=None)
     assert_one_line_error(result, "cropyield: error:", fragment)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bare_column_names_are_one_item_lists(argv, tmp_path):
+    args = [
+        "--data.target_names",
+        "apples",
+        "--data.feature_names=temp,rainfall",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    cli = cli_main(args, run=False)
+    assert cli.datamodule.target_names == ("apples",) and cli.datamodule.feature_names == ("temp", "rainfall")
+    assert cli.model.linear.weight.shape == (1, 2) and cli.model.hparams.target_names == ["apples"]
+
+
+def test_a_checkpoint_whose_weights_contradict_its_sizes_is_one_line_for_every_route(bad_checkpoints):
+    for command in ("fit", "predict", "test"):
+        result = run("cropyield", command, "--ckpt_path", "shape.ckpt", cwd=bad_checkpoints, check_rc=None)
+        assert_one_line_error(result, "shape.ckpt: linear.weight has shape (2, 5), but its hyper-parameters say (2, 3)")
+    assert not (bad_checkpoints / "lightning_logs").exists() and not (bad_checkpoints / "predictions.csv").exists()
 
 
 @pytest.fixture(scope="module")

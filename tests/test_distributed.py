@@ -175,3 +175,18 @@ def test_rows_dropped_for_a_missing_cell_are_counted_over_the_processes(tmp_path
     line = f"dropped {dropped} of 3,000 rows with a missing value: {per_column}"
     assert result.stdout.count(line) == 1, result.stdout
     assert sum(len(r["rows"]) for r in records) <= 3000 - dropped
+
+
+def test_streamed_sgd_under_ddp_ends_with_the_report_of_every_rows_optimum(tmp_path):
+    """The closing report's statistics pass gathers across processes: every rank must enter it."""
+    from .test_streaming import write_folder
+
+    rows = write_folder(tmp_path / "d", sizes=(10_000, 7_000, 3_500), row_group=2_500).astype(np.float64)
+    args = ["--data.data_path", tmp_path / "d", "--data.streaming", "true", "--data.batch_size", "500"]
+    result, _, weights = ddp_fit(tmp_path, *args, "--model.lr", "1e-9", epochs=1)
+    for name in ("weight", "bias"):
+        assert torch.equal(weights[0][name], weights[1][name])
+    design = np.c_[rows[:, :3], np.ones(len(rows))]
+    solution = np.linalg.lstsq(design, rows[:, 3:], rcond=None)[0]
+    optimum = ((design @ solution - rows[:, 3:]) ** 2).mean()
+    assert re.search(rf"\(least-squares optimum on the same rows: {optimum:.4f}\)$", result.stdout, re.M), result.stdout

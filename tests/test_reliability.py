@@ -12,7 +12,7 @@ import torch
 from cropyield import CropYieldDataModule, CropYieldRegressor, load_regressor
 from cropyield.errors import TrainingDivergedError
 
-from .conftest import BIN, run
+from .conftest import BIN, run, write_csv
 
 
 def weights(path):
@@ -110,3 +110,60 @@ def test_kill_while_writing_a_checkpoint_never_leaves_a_corrupt_file(tmp_path):
         w = read_checkpoint(path)["state_dict"]["w"]
         assert len(w) == 2_000_000 and torch.equal(w, torch.full_like(w, w[0].item()))
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["last.ckpt"]
+
+
+def fit_signalled_then_resumed(folder, sig, *args, ready):
+    """Starts `cropyield fit`, sends ``sig`` once ``ready(checkpoint)`` holds for its last.ckpt,
+    checks the exit status and the checkpoint written, then resumes with `--ckpt_path last`."""
+    command = [str(BIN / "cropyield"), "fit", *map(str, args)]
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if last.exists() and ready(torch.load(last, weights_only=True)):
+            break
+        time.sleep(0.02)
+    before = torch.load(last, weights_only=True)["global_step"]
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, (process.returncode, stderr)
+    saved = torch.load(last, weights_only=True)
+    assert stderr.strip().splitlines()[-1] == (
+        f"cropyield: stopped by {sig.name}: saved {last} at step {saved['global_step']}; resume with --ckpt_path last"
+    )
+    assert saved["global_step"] >= before  # the step reached, not an older save
+    result = run("cropyield", "fit", *args, "--ckpt_path", "last", cwd=folder)
+    assert "Restored all states" in result.stdout and "not resumable" not in result.stdout + result.stderr
+    return saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_epoch_saves_the_step_reached_and_resumes_exactly(tmp_path, sig):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(12_000, 3, generator=g) * 100
+    y = x @ torch.tensor([[0.5, 0.2, 0.1], [0.1, 0.3, 0.6]]).T + torch.randn(12_000, 2, generator=g)
+    header = ["temp", "rainfall", "humidity", "apples", "oranges"]
+    for name in ("full", "signalled"):
+        (tmp_path / name).mkdir()
+        write_csv(tmp_path / name / "d.csv", header, torch.cat([x, y], 1).tolist())
+    args = ["--data.data_path", "d.csv", "--data.fast_path_min_rows", "8", "--data.batch_size", "4",
+            "--data.standardize", "true", "--model.lr", "0.01", "--checkpoint.every_n_train_steps", "64",
+            "--trainer.max_epochs", "2"]  # fmt: skip
+    run("cropyield", "fit", *args, cwd=tmp_path / "full")
+    saved = fit_signalled_then_resumed(tmp_path / "signalled", sig, *args, ready=lambda c: c["global_step"] >= 640)
+    assert 0 < saved["global_step"] % 3_000 and saved["global_step"] < 6_000  # in the middle of an epoch
+    full = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    assert torch.equal(weights(tmp_path / "signalled" / "checkpoints" / "last.ckpt"), full)
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_tutorial_run_stops_at_the_epochs_end_and_resumes_exactly(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "signalled").mkdir()
+    args = ["--trainer.max_epochs", 400]
+    run("cropyield", "fit", *args, cwd=tmp_path / "full")
+    saved = fit_signalled_then_resumed(tmp_path / "signalled", signal.SIGTERM, *args, ready=lambda c: c["epoch"] >= 3)
+    assert saved["global_step"] % 3 == 0 and saved["epoch"] < 399  # the plain DataLoader stops at an epoch's end
+    full = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    assert torch.equal(weights(tmp_path / "signalled" / "checkpoints" / "last.ckpt"), full)
