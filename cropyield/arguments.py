@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from cropyield.errors import CropYieldError
+from cropyield.storage import is_url
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Data arguments that hold a list of column names.
@@ -42,12 +43,33 @@ def checkpoint_file(config, subcommand: str) -> str | None:
         if ckpt_path == "last":
             folder = config.get("checkpoint", {}).get("dirpath") or os.path.join(root, "checkpoints")
             last = os.path.join(folder, "last.ckpt")
-            return last if os.path.isfile(last) else None
+            return last if _is_file(last) else None
         if ckpt_path == "hpc":
-            versions = [int(m[1]) for f in os.listdir(root) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f))]
+            names = _names_in(root)
+            versions = [int(m[1]) for f in names if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f))]
             return os.path.join(root, f"hpc_ckpt_{max(versions)}.ckpt") if versions else None
         return None  # "best" is the best of the fit just run, within one process
     return ckpt_path
+
+
+def _is_file(path: str) -> bool:
+    """Whether a checkpoint file exists, locally or at a URL (``s3://...``, through fsspec)."""
+    if not is_url(path):
+        return os.path.isfile(path)
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(path)
+    return fs.isfile(key)
+
+
+def _names_in(folder: str) -> list[str]:
+    """The names of the entries of a folder, local or at a URL; none when it does not exist."""
+    if not is_url(folder):
+        return os.listdir(folder) if os.path.isdir(folder) else []
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(folder)
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(key, detail=False)] if fs.isdir(key) else []
 
 
 def saved_model(path: str, checkpoint: dict) -> tuple[type, dict]:

@@ -5,6 +5,10 @@ cropyield fit --config from_scratch.yaml          # the manual-optimization vari
 cropyield fit --config exact.yaml                 # the exact least-squares fit in one pass
 cropyield fit --ckpt_path last                    # resume from checkpoints/last.ckpt
 cropyield predict --ckpt_path checkpoints/last.ckpt
+
+Under DDP (``--trainer.strategy ddp``, one machine or several nodes under torchrun or SLURM) a
+collective that gets no answer from a peer for ``--ddp_timeout`` seconds (default 120) ends the
+process with one line saying a peer was lost; relaunch every node with ``--ckpt_path last``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import re
 import signal
 import sys
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -49,9 +53,16 @@ from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
 from cropyield.inference import _spec, read_checkpoint
 from cropyield.model import BaseRegressor
+from cropyield.storage import is_url, location
 
 __all__ = ["CONFIG_DIR", "CropYieldCLI", "cli_main", "main", "shipped_config"]
 DEFAULT_SEED = 42
+DEFAULT_DDP_TIMEOUT = 120.0
+# How a collective reports a peer that died or stopped answering (gloo, NCCL, the TCP store).
+_PEER_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out|timed out|NCCL.*(timeout|Watchdog)|"
+    r"recvBytes|sendBytes|Socket Timeout",
+)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -72,6 +83,13 @@ class CropYieldCLI(LightningCLI):
                 # Overwrite last.ckpt in place instead of writing last-v1.ckpt beside a stale one.
                 "checkpoint.enable_version_counter": False,
             }
+        )
+        parser.add_argument(
+            "--ddp_timeout",
+            type=float,
+            default=DEFAULT_DDP_TIMEOUT,
+            help="under --trainer.strategy ddp: seconds a collective waits for a peer before the process "
+            "ends with one line saying a peer was lost (the process group's timeout)",
         )
         parser.add_lightning_class_args(ProgressReport, "report")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
@@ -112,7 +130,7 @@ class CropYieldCLI(LightningCLI):
             return
         checkpoint = read_checkpoint(path)
         if subcommand != "fit":  # fit resumes a checkpoint of any moment, even mid-pass
-            _spec(Path(path), checkpoint)  # weights that fit their hyper-parameters, a finished pass
+            _spec(location(path), checkpoint)  # weights that fit their hyper-parameters, a finished pass
         cls, hparams = saved_model(path, checkpoint)
         variant = cls.__name__
         given = given_keys(self._args, subcommand)
@@ -146,11 +164,18 @@ class CropYieldCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
-        root = os.path.realpath(config.get("default_root_dir") or os.getcwd())
+        root = config.get("default_root_dir") or os.getcwd()
+        root = root.rstrip("/") if is_url(root) else os.path.realpath(root)  # a URL: checkpoints and logs there
         if config.get("logger") in (None, True):
             kwargs["logger"] = _default_loggers(root)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        if config.get("strategy") == "ddp":  # Lightning's default would wait 30 minutes for a lost peer
+            from lightning.pytorch.strategies import DDPStrategy
+
+            subcommand = self.config.get("subcommand")
+            seconds = self.config[subcommand].get("ddp_timeout", DEFAULT_DDP_TIMEOUT) if subcommand else None
+            kwargs["strategy"] = DDPStrategy(timeout=timedelta(seconds=seconds or DEFAULT_DDP_TIMEOUT))
         kwargs["callbacks"] = [*(config.get("callbacks") or []), RealSteps()]
         if config.get("enable_progress_bar") is not False:
             kwargs["callbacks"].append(LongWorkProgressBar())
@@ -241,6 +266,14 @@ def main() -> None:
         _fail(one_line(str(err)))
     except Exception as err:
         cause = _user_error(err) or _mismatch(err)
+        if cause is None and _peer_lost(err):
+            detail = " ".join(str(err).split())[:160]
+            print(
+                f"cropyield: error: a peer process was lost or stopped answering ({type(err).__name__}: {detail}); "
+                "relaunch every node with --ckpt_path last",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         if cause is None:
             raise
         _fail(str(cause))
@@ -260,6 +293,15 @@ def _mismatch(err: BaseException) -> str | None:
     return "the checkpoint's weights do not fit the model of this run: " + "; ".join(
         details or [text.split("\n", maxsplit=1)[0]]
     )
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure to reach a peer (under DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(err, (dist.DistError, RuntimeError)) and bool(_PEER_LOST.search(str(err)))
 
 
 def _user_error(err: BaseException | None) -> CropYieldError | None:

@@ -29,7 +29,7 @@ from cropyield.batches import Chunks, Resumable
 from cropyield.cells import text_columns
 from cropyield.encoding import DEFAULT_MAX_LEVELS, MISSING_CHOICES, Encoding
 from cropyield.errors import CropYieldError
-from cropyield.files import check_columns, data_files, read_columns
+from cropyield.files import check_columns, check_files, data_files, read_columns
 from cropyield.reference import QRFactor
 from cropyield.sources import Layout, LoaderOptions, RowReader, RowSource, TableSource
 from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER
@@ -50,6 +50,8 @@ TARGETS = torch.tensor(
 )  # fmt: skip
 FEATURE_NAMES = ("temp", "rainfall", "humidity")
 TARGET_NAMES = ("apples", "oranges")
+
+TUTORIAL_UNITS = "tons per hectare"  # the tutorial's unit of yield; other data's is not known
 
 FAST_PATH_MIN_ROWS = 50_000
 
@@ -165,13 +167,14 @@ class CropYieldDataModule(L.LightningDataModule):
         if self.data_path is not None:
             # The headers are read now, so a bad path or column fails before a Trainer exists.
             self._files = data_files(self.data_path)
-            source, columns = self.data_path, read_columns(self._files[0])
+            source, columns = str(self._files[0]), read_columns(self._files[0])
         elif self._memory is not None:
             source, columns = "the given tensors", self._memory[0]
         else:
             source, columns = "the embedded data", (*FEATURE_NAMES, *TARGET_NAMES)
         self.target_names = tuple(target_names) if target_names is not None else TARGET_NAMES
         check_columns(source, self.target_names, columns)
+        inferred = feature_names is None
         if feature_names is None:
             feature_names = [c for c in columns if c not in self.target_names]
         self.input_names = tuple(feature_names)  # the raw input columns; feature_names are the encoded ones
@@ -181,6 +184,8 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"column(s) {overlap} cannot be both a feature and a target")
         if not self.input_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
+        if self.data_path is not None:  # a folder's files: columns by name, in any order
+            check_files(self._files, [*self.input_names, *self.target_names], columns if inferred else None)
         given = {str(c): tuple(str(v) for v in values) for c, values in (levels or {}).items()}
         if categorical_names is None:
             categorical_names = text_columns(self._files[0], self.input_names) if self.data_path else ()
@@ -265,6 +270,11 @@ class CropYieldDataModule(L.LightningDataModule):
     def dropped(self) -> str | None:
         """With ``missing="drop"``: the line saying how many rows a missing cell left out, per column."""
         return self._reader.dropped
+
+    @property
+    def units(self) -> str | None:
+        """The targets' unit, where known: the tutorial's for its embedded rows, else None."""
+        return TUTORIAL_UNITS if self.data_path is None and self._memory is None else None
 
     @property
     def uses_fast_path(self) -> bool:

@@ -96,6 +96,7 @@ class LeastSquaresRegressor(BaseRegressor):
         cov_type: the coefficients' covariance in :meth:`summary` and the intervals: ``nonrobust``,
             or ``HC0``-``HC3`` (heteroscedasticity-robust, as statsmodels' ``fit(cov_type=...)``),
             which take one more pass over the training rows within the same ``fit``.
+        units: the unit of the targets' values (as for :class:`~cropyield.model.CropYieldRegressor`).
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class LeastSquaresRegressor(BaseRegressor):
         standardize: bool = False,
         fit_intercept: bool = True,
         cov_type: str = "nonrobust",
+        units: str | None = None,
     ) -> None:
         super().__init__(
             in_features,
@@ -115,6 +117,7 @@ class LeastSquaresRegressor(BaseRegressor):
             feature_names,
             target_names,
             standardize,
+            units,
             l2=float(l2),
             fit_intercept=bool(fit_intercept),
             cov_type=str(cov_type),

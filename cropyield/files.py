@@ -8,6 +8,9 @@ CSV files are still read by the standard library, more slowly; Parquet needs it.
 Every problem is reported as :class:`~cropyield.errors.CropYieldError` naming the file and, for
 CSV, the line and column. The fast reader never reports errors itself: when it fails or yields a
 non-finite value, the standard-library reader runs over the file to find the first bad cell.
+
+A path may also be a URL (``s3://bucket/key``, ...): files are opened, listed and read in ranges
+through :mod:`cropyield.storage`, and a transient network error retries the read.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cropyield import storage
 from cropyield.errors import CropYieldError
 
 CSV_SUFFIXES = (".csv",)
@@ -41,8 +45,8 @@ def _pyarrow():
     return pyarrow
 
 
-def _kind(path: Path) -> str:
-    suffix = path.suffix.lower()
+def _kind(path: str | Path) -> str:
+    suffix = storage.suffix(path)
     if suffix in CSV_SUFFIXES:
         return "csv"
     if suffix in PARQUET_SUFFIXES:
@@ -50,13 +54,19 @@ def _kind(path: Path) -> str:
     raise CropYieldError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .parquet")
 
 
-def _check_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
+def _check_path(path: str | os.PathLike) -> str | Path:
+    path = storage.location(path)
+    found = storage.kind(path)
+    if found == "missing":
         raise CropYieldError(f"{path}: no such file")
-    if path.is_dir():
+    if found == "dir":
         raise CropYieldError(f"{path}: is a directory, not a data file")
     return path
+
+
+def _retried(path: str | Path, read):
+    """``read()``; for a URL, retried while the network fails (see :func:`cropyield.storage.retried`)."""
+    return storage.retried(str(path), read) if storage.is_url(path) else read()
 
 
 def read_columns(path: str | os.PathLike) -> list[str]:
@@ -66,20 +76,25 @@ def read_columns(path: str | os.PathLike) -> list[str]:
         CropYieldError: the file is missing, unreadable, empty or has duplicate column names.
     """
     path = _check_path(path)
-    if _kind(path) == "parquet":
-        names = _parquet_file(path).schema_arrow.names
-    else:
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                names = next(csv.reader(f), None)
-        except (UnicodeDecodeError, csv.Error, OSError) as err:
-            raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
-        if not names:
-            raise CropYieldError(f"{path}: the file is empty; expected a header line of column names")
+    names = _retried(path, lambda: _header(path))
+    if not names:
+        raise CropYieldError(f"{path}: the file is empty; expected a header line of column names")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise CropYieldError(f"{path}: duplicate column names {duplicates}; rename them so each is unique")
     return names
+
+
+def _header(path: str | Path) -> list[str] | None:
+    if _kind(path) == "parquet":
+        return _parquet_file(path).schema_arrow.names
+    try:
+        with storage.open_text(path) as f:
+            return next(csv.reader(f), None)
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        if storage.transient(path, err):
+            raise
+        raise CropYieldError(f"{path}: not a readable UTF-8 CSV file ({_brief(err)})") from None
 
 
 def check_columns(path: str | os.PathLike, wanted: Sequence[str], available: Sequence[str]) -> None:
@@ -111,9 +126,9 @@ def read_table(path: str | os.PathLike, columns: Sequence[str], dtype=np.float32
     names = read_columns(path)
     check_columns(path, columns, names)
     if _kind(path) == "parquet":
-        table = _read_parquet(path, columns, dtype)
+        table = _retried(path, lambda: _read_parquet(path, columns, dtype))
     else:
-        table = _read_csv(path, names, columns, dtype)
+        table = _retried(path, lambda: _read_csv(path, names, columns, dtype))
     if len(table) == 0:
         raise CropYieldError(f"{path}: has a header but no data rows")
     return table
@@ -129,7 +144,9 @@ def _read_csv(path: Path, names: Sequence[str], columns: Sequence[str], dtype=np
         return _read_csv_stdlib(path, columns, dtype)
     try:
         return _read_csv_arrow(pa, path, names, columns, dtype)
-    except (pa.ArrowException, OSError, ValueError):
+    except (pa.ArrowException, OSError, ValueError) as err:
+        if storage.transient(path, err):
+            raise
         # Slow, exact pass: raises naming the first bad line and column, or returns the rows.
         return _read_csv_stdlib(path, columns, dtype)
 
@@ -145,8 +162,8 @@ def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]
     read_options = pa.csv.ReadOptions(column_names=list(names), use_threads=True)
     kind = _arrow_type(pa, dtype)
     convert = pa.csv.ConvertOptions(include_columns=list(columns), column_types=dict.fromkeys(columns, kind))
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    size = storage.size(path)
+    with storage.open_binary(path) as raw, io.BufferedReader(raw) if storage.is_url(path) else raw as f:
         f.readline()  # the header: its names were read by read_columns
         out = np.empty((size // (2 * len(names)) + 1, len(columns)), dtype=dtype)
         # One reused buffer: 16 MB bytes objects made and freed per block would fragment the heap
@@ -195,7 +212,7 @@ def _values(column, dtype=np.float32) -> np.ndarray:
 
 def _read_csv_stdlib(path: Path, columns: Sequence[str], dtype=np.float32) -> np.ndarray:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with storage.open_text(path) as f:
             reader = csv.reader(f)
             header = next(reader)
             return _parse_csv_lines(path, f, header, columns, lines_before=1, dtype=dtype)
@@ -250,8 +267,12 @@ def _parquet_file(path: Path):
 
     try:
         # Page checksums, where the writer stored them, catch corrupt data pages (else silent garbage).
-        return pq.ParquetFile(path, page_checksum_verification=True)
+        # A URL is opened for random access: the footer, then each row group, is a ranged read.
+        source = storage.open_binary(path) if storage.is_url(path) else path
+        return pq.ParquetFile(source, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
+        if storage.transient(path, err):
+            raise
         raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
 
 
@@ -273,6 +294,8 @@ def _read_parquet(path: Path, columns: Sequence[str], dtype=np.float32) -> np.nd
                 out[start : start + len(values), j] = values
             start += batch.num_rows
     except (pa.ArrowException, OSError) as err:
+        if storage.transient(path, err):
+            raise
         raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
     bad = ~np.isfinite(out)
     if bad.any():
@@ -304,34 +327,55 @@ class Piece:
     lines_before: int = 0  # CSV: lines of the file before the piece (the header included)
 
 
-def data_files(path: str | os.PathLike) -> list[Path]:
-    """A data file, or every ``.csv``/``.parquet`` file of a folder in sorted name order, one schema.
+def data_files(path: str | os.PathLike) -> list[str | Path]:
+    """A data file, or every ``.csv``/``.parquet`` file of a folder in sorted name order.
+
+    Columns are read by name, so the files may hold them in any order (see :func:`check_files`).
 
     Raises:
-        CropYieldError: the path is missing, the folder holds no data file, or a file's columns
-            differ from the first file's.
+        CropYieldError: the path is missing, the folder holds no data file, or a file's header is
+            unreadable.
     """
-    path = Path(path)
-    if not path.exists():
+    path = storage.location(path)
+    found = storage.kind(path)
+    if found == "missing":
         raise CropYieldError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        return [_check_path(path)]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES)
+    if found == "file":
+        return [path]
+    files = [p for p in storage.list_files(path) if storage.suffix(p) in CSV_SUFFIXES + PARQUET_SUFFIXES]
     if not files:
         raise CropYieldError(f"{path}: is a directory holding no .csv or .parquet file")
-    first = read_columns(files[0])
-    for other in files[1:]:
-        columns = read_columns(other)
-        if columns != first:
-            raise CropYieldError(
-                f"{other}: its columns {columns} differ from those of {files[0].name} ({first}); "
-                "every file of a folder must have the same columns"
-            )
+    for file in files:
+        read_columns(file)  # a bad header fails now, naming its file
     return files
 
 
+def check_files(files: Sequence[str | Path], wanted: Sequence[str], same_as: Sequence[str] | None = None) -> None:
+    """Checks that every file holds the ``wanted`` columns, in any order; others are ignored.
+
+    Args:
+        files: the data files (a folder's, from :func:`data_files`).
+        wanted: the columns read from every file.
+        same_as: when the features were not named but taken from the first file's columns, those
+            columns: every file must then hold the same set, as an extra column could be a feature.
+
+    Raises:
+        CropYieldError: naming the first file that lacks a wanted column (or, with ``same_as``,
+            holds one more).
+    """
+    for file in files:
+        names = read_columns(file)
+        check_columns(file, wanted, names)
+        extra = [c for c in names if c not in same_as] if same_as is not None else []
+        if extra:
+            raise CropYieldError(
+                f"{file}: has column(s) {extra} that {storage.name(files[0])} lacks, so which columns are features "
+                "is ambiguous; name them with feature_names (columns a file holds beyond them are then ignored)"
+            )
+
+
 def list_pieces(
-    files: Sequence[Path], columns: Sequence[str], limit_rows: int | None = None, csv_block_bytes: int = _BLOCK
+    files: Sequence[str | Path], columns: Sequence[str], limit_rows: int | None = None, csv_block_bytes: int = _BLOCK
 ) -> list[Piece]:
     """The pieces of the files, in order: Parquet row groups (from the footer, no data read) and
     CSV blocks of about ``csv_block_bytes`` (their lines counted at disk speed, nothing parsed)."""
@@ -340,10 +384,13 @@ def list_pieces(
     for index, path in enumerate(files):
         names = read_columns(path)
         check_columns(path, columns, names)
-        found = (
-            _parquet_pieces(path, index, columns)
-            if _kind(path) == "parquet"
-            else _csv_pieces(path, index, csv_block_bytes)
+        found = _retried(
+            path,
+            lambda path=path, index=index: (
+                _parquet_pieces(path, index, columns)
+                if _kind(path) == "parquet"
+                else _csv_pieces(path, index, csv_block_bytes)
+            ),
         )
         for piece in found:
             if remaining <= 0:
@@ -362,18 +409,23 @@ def read_piece(piece: Piece, columns: Sequence[str], dtype=np.float32) -> np.nda
     Raises:
         CropYieldError: naming the file and, where known, the line (CSV) or row (Parquet) and column.
     """
-    path = Path(piece.path)
+    path = storage.location(piece.path)
     if _kind(path) == "parquet":
         pa = _pyarrow()
-        try:
-            table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
-            out = _table_to_array(pa, table, columns, dtype)
-            del table  # (a column at a time would hold less, but measured 1.6 times slower)
-        except (pa.ArrowException, OSError, ValueError) as err:
-            raise CropYieldError(
-                f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
-            ) from None
-        out = out[: piece.rows]
+
+        def read_group():
+            try:
+                table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
+                # (a column at a time would hold less, but measured 1.6 times slower)
+                return _table_to_array(pa, table, columns, dtype)
+            except (pa.ArrowException, OSError, ValueError) as err:
+                if storage.transient(path, err):
+                    raise
+                raise CropYieldError(
+                    f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
+                ) from None
+
+        out = _retried(path, read_group)[: piece.rows]
         if not np.isfinite(out).all():
             row, j = map(int, np.argwhere(~np.isfinite(out))[0])
             raise CropYieldError(
@@ -382,9 +434,7 @@ def read_piece(piece: Piece, columns: Sequence[str], dtype=np.float32) -> np.nda
             )
         return out
     try:
-        with open(path, "rb") as f:
-            f.seek(piece.start)
-            data = f.read(piece.stop - piece.start)
+        data = _retried(path, lambda: storage.read_range(path, piece.start, piece.stop))
     except OSError as err:
         raise CropYieldError(f"{path}: cannot be read ({_brief(err)})") from None
     names = read_columns(path)
@@ -429,7 +479,7 @@ def _table_to_array(pa, table, columns: Sequence[str], dtype=np.float32) -> np.n
     return out
 
 
-def _parquet_pieces(path: Path, index: int, columns: Sequence[str]) -> list[Piece]:
+def _parquet_pieces(path: str | Path, index: int, columns: Sequence[str]) -> list[Piece]:
     pa = _pyarrow()
     file = _parquet_file(path)
     for name in columns:
@@ -444,11 +494,11 @@ def _parquet_pieces(path: Path, index: int, columns: Sequence[str]) -> list[Piec
     return pieces
 
 
-def _csv_pieces(path: Path, index: int, block_bytes: int) -> list[Piece]:
+def _csv_pieces(path: str | Path, index: int, block_bytes: int) -> list[Piece]:
     """Cuts a CSV file into blocks of whole lines and counts each block's data (non-blank) lines."""
     pieces = []
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    size = storage.size(path)
+    with storage.open_binary(path) as raw, io.BufferedReader(raw) if storage.is_url(path) else raw as f:
         start = len(f.readline())  # the header
         lines_before, first_row = 1, 0
         while start < size:

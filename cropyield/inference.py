@@ -11,7 +11,9 @@ plain value; nothing in it is ever executed.
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
+import io
 import itertools
 import json
 import math
@@ -27,35 +29,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cropyield import storage
 from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError
 
 _VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor", "LeastSquaresRegressor")
-_HPARAMS = ("in_features", "out_features", "lr", "l2", "feature_names", "target_names", "standardize")
+_HPARAMS = ("in_features", "out_features", "lr", "l2", "feature_names", "target_names", "standardize", "units")
 _HPARAMS += ("fit_intercept", "cov_type")
+# Checkpoints written before units were recorded: the tutorial's unit when the names are its own.
+_TUTORIAL_NAMES = (["temp", "rainfall", "humidity"], ["apples", "oranges"])
+_TUTORIAL_UNITS = "tons per hectare"
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
     """Loads a checkpoint file safely: integrity-checked, tensors and plain values only.
 
+    ``path`` may be a URL (``s3://bucket/run/checkpoints/last.ckpt``): the object is read into
+    memory through fsspec and checked the same way.
+
     Raises:
         CropYieldError: the file is missing, a directory, truncated or corrupted (a CRC mismatch),
             or holds pickled objects other than tensors and plain values.
     """
-    path = Path(path)
-    if not path.exists():
+    path = storage.location(path)
+    source = io.BytesIO(fetch(path)) if storage.is_url(path) else path
+    if not storage.is_url(path) and not path.exists():
         raise CropYieldError(f"{path}: no such checkpoint file")
-    if path.is_dir():
+    if not storage.is_url(path) and path.is_dir():
         raise CropYieldError(f"{path}: is a directory, not a checkpoint file")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             bad = archive.testzip()  # reads every record and checks its CRC-32
     except Exception as err:  # untrusted bytes: any failure to parse means "not a valid checkpoint"
         raise CropYieldError(f"{path}: not a PyTorch checkpoint, or truncated ({_brief(err)})") from None
     if bad is not None:
         raise CropYieldError(f"{path}: corrupted checkpoint (CRC mismatch in {bad!r}); use another copy")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         what = str(err).split("\n")
         detail = next((line.strip() for line in what if "Unsupported" in line or "global" in line), what[0])
@@ -72,6 +84,31 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 
 def _brief(err: BaseException) -> str:
     return " ".join(str(err).split())[:160] or type(err).__name__
+
+
+def fetch(url: str) -> bytes:
+    """The bytes of a checkpoint object at a URL, through fsspec (s3fs for ``s3://``, the ``cloud`` extra).
+
+    Raises:
+        CropYieldError: no filesystem library for the URL, no such object, a folder, or unreadable.
+    """
+    import fsspec  # a dependency of Lightning, imported only for URLs
+
+    try:
+        fs, key = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise CropYieldError(
+            f"{url}: no filesystem library for this URL ({_brief(err)}); "
+            "install it with: pip install 'cropyield[cloud]'"
+        ) from None
+    try:
+        if fs.isdir(key):
+            raise CropYieldError(f"{url}: is a directory, not a checkpoint file")
+        return fs.cat_file(key)
+    except FileNotFoundError:
+        raise CropYieldError(f"{url}: no such checkpoint file") from None
+    except OSError as err:
+        raise CropYieldError(f"{url}: cannot be read ({_brief(err)})") from None
 
 
 def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -114,6 +151,8 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
             not isinstance(names, (list, tuple)) or len(names) != size or not all(isinstance(n, str) for n in names)
         ):
             raise CropYieldError(f"{path}: {key} must be {size} names, got {names!r:.80}")
+    if kwargs.get("units") is not None and not isinstance(kwargs["units"], str):
+        raise CropYieldError(f"{path}: units must be a string or None, got {kwargs['units']!r:.80}")
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CropYieldError(f"{path}: {name} holds NaN or infinite values; the run that wrote it diverged")
@@ -136,7 +175,7 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
     """
     import cropyield  # Lightning is needed only here
 
-    path = Path(path)
+    path = storage.location(path)
     checkpoint = read_checkpoint(path, map_location)
     variant, kwargs, state = _spec(path, checkpoint)
     cls = getattr(cropyield, variant)
@@ -171,6 +210,7 @@ class LinearPredictor(nn.Module):
         self.standardize = bool(hparams.get("standardize", False))
         self.encoding = hparams.get("encoding")  # raw columns and categorical levels, or None
         self.input_names = list(self.encoding["columns"]) if self.encoding else self.feature_names
+        self.units = hparams["units"] if "units" in hparams else legacy_units(self.feature_names, self.target_names)
         self.register_buffer("weight", state["linear.weight"])
         self.register_buffer("bias", state["linear.bias"])
         self.register_buffer("feature_mean", state.get("feature_mean", torch.zeros(self.weight.shape[1])))
@@ -180,7 +220,7 @@ class LinearPredictor(nn.Module):
     def from_checkpoint(
         cls, path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
     ) -> LinearPredictor:
-        path = Path(path)
+        path = storage.location(path)
         checkpoint = read_checkpoint(path, map_location)
         _, kwargs, state = _spec(path, checkpoint)
         kwargs.setdefault("in_features", state["linear.weight"].shape[1])
@@ -195,6 +235,12 @@ class LinearPredictor(nn.Module):
         if self.standardize:
             x = (x - self.feature_mean) / self.feature_std
         return F.linear(x, self.weight, self.bias)
+
+
+def legacy_units(feature_names: Sequence[str], target_names: Sequence[str]) -> str | None:
+    """The unit of a checkpoint that records none (written before units were recorded): the
+    tutorial's "tons per hectare" when its names are the tutorial's, else None (unknown)."""
+    return _TUTORIAL_UNITS if [list(feature_names), list(target_names)] == list(_TUTORIAL_NAMES) else None
 
 
 def _names(model: nn.Module, kind: str) -> list[str]:
@@ -418,16 +464,121 @@ def _parse_values(values: Sequence[str], count: int) -> list[list[float]]:
     return [numbers[i : i + count] for i in range(0, len(numbers), count)]
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    # Written beside the target, then renamed over it: an error never leaves a half-written file.
-    import csv
+def _refuse_overwriting(out: str, inputs: dict[str, str | None]) -> None:
+    """``--out`` must name neither input: the same path, or another name of the same file (a link)."""
+    for what, given in inputs.items():
+        if given is None:
+            continue
+        same = os.path.realpath(out) == os.path.realpath(given)
+        if not same and os.path.exists(out) and os.path.exists(given):
+            same = os.path.samefile(out, given)
+        if same:
+            raise CropYieldError(f"--out {out} is the {what} ({given}); write the predictions to another file")
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([v if isinstance(v, str) else repr(v) for v in row] for row in rows)
-    os.replace(tmp, path)
+
+def _atomic_write(path: Path, write) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it over ``path``:
+    an error or a crash never leaves a half-written file, nor replaces an existing one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CropYieldError(f"--out {path}: cannot be written ({_brief(err)})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fields(values: Sequence[str]) -> str:
+    """CSV fields joined by commas, quoted where needed (a name holding a comma or a quote)."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="").writerow(values)
+    return text.getvalue()
+
+
+def _prediction_names(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
+    """The prediction columns' names, all prefixed ``predicted_`` (again, while needed) when the
+    input already has a column of one of their names (a file with the targets in it)."""
+    names = list(names)
+    while set(names) & set(inputs):
+        names = [f"predicted_{name}" for name in names]
+    return names
+
+
+def _csv_records(path: str):
+    """The records of a CSV file as ``(raw text without its line end, line end)``, the header first.
+
+    The raw text is what the file holds, byte for byte (a quoted field spanning lines included);
+    blank lines, which are no record, are skipped as the readers skip them.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        consumed: list[str] = []
+
+        def lines():
+            for line in f:
+                consumed.append(line)
+                yield line
+
+        for row in csv.reader(lines()):
+            raw = "".join(consumed)
+            consumed.clear()
+            if not row:
+                continue
+            body = raw.rstrip("\r\n")
+            yield body, raw[len(body) :] or "\n"
+
+
+def _write_out(out: Path, args: argparse.Namespace, model: LinearPredictor, preds: torch.Tensor, targets) -> None:
+    """``--out``: every input column as the input wrote it, then the ``targets`` columns of ``preds``
+    (one per target, with its interval's bounds after it under ``--interval``)."""
+    values = [[repr(v) for v in row] for row in preds.tolist()]
+    if not args.csv:  # values from the command line: the text as typed
+        n = len(model.input_names)
+        typed = [args.values[i : i + n] for i in range(0, len(args.values), n)]
+        header = model.input_names + _prediction_names(targets, model.input_names)
+        lines = [_fields(header)] + [_fields(x + p) for x, p in zip(typed, values, strict=True)]
+        _atomic_write(out, lambda f: f.write("\n".join(lines) + "\n"))
+        return
+    from cropyield.files import read_columns
+
+    names = _prediction_names(targets, read_columns(args.csv))
+    if Path(args.csv).suffix.lower() != ".csv":
+        _atomic_write(out, lambda f: _write_parquet_rows(f, args.csv, names, values))
+        return
+
+    def write(f) -> None:
+        records = _csv_records(args.csv)
+        body, end = next(records)
+        f.write(f"{body},{_fields(names)}{end}")
+        count = 0
+        for (body, end), p in zip(records, values, strict=False):
+            f.write(f"{body},{','.join(p)}{end}")
+            count += 1
+        if count != len(values) or next(records, None) is not None:
+            raise CropYieldError(f"{args.csv}: its records do not match the {len(values)} rows read (did it change?)")
+
+    _atomic_write(out, write)
+
+
+def _write_parquet_rows(f, path: str, names: list[str], values: list[list[str]]) -> None:
+    """A Parquet file's every column, as Arrow writes each value as text, then the predictions."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow([*table.column_names, *names])
+    columns = []
+    for column in table.columns:
+        try:
+            columns.append(pc.cast(column, "string").to_pylist())
+        except Exception:  # nested types have no cast to text: Python's text of the value
+            columns.append([None if v is None else str(v) for v in column.to_pylist()])
+    for i, p in enumerate(values):
+        writer.writerow([*("" if c[i] is None else c[i] for c in columns), *p])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -446,9 +597,15 @@ def _parser() -> argparse.ArgumentParser:
         "values", nargs="*", help="input values, one group per region, in the checkpoint's feature order"
     )
     parser.add_argument("--csv", help="read regions from this CSV/Parquet file, columns chosen by feature name")
-    parser.add_argument("--out", help="write a CSV: the input columns plus one column per target")
+    parser.add_argument(
+        "--out",
+        help="write a CSV: every input column as the input wrote it, then one column per target "
+        "(all prefixed predicted_ when the input has a column of one of their names); never the input file",
+    )
     parser.add_argument("--json", action="store_true", help="print only a JSON array, one object per region")
-    parser.add_argument("--units", default="tons per hectare", help="unit printed after the yields")
+    parser.add_argument(
+        "--units", help="unit printed after the yields (default: the one the checkpoint records; '' for none)"
+    )
     parser.add_argument(
         "--interval",
         type=float,
@@ -476,6 +633,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.out:
+        _refuse_overwriting(args.out, {"--csv input": args.csv, "checkpoint": args.ckpt})
     model = LinearPredictor.from_checkpoint(args.ckpt)
     if args.csv and args.values:
         raise CropYieldError("give input values or --csv, not both")
@@ -495,8 +654,8 @@ def _run(args: argparse.Namespace) -> None:
         rows = x.tolist()
     preds, names = prediction_table(model, x, args.interval, args.kind)
     if args.out:
-        _write_csv(Path(args.out), model.input_names + names,
-                   [[*r, *p] for r, p in zip(rows, preds.double().tolist(), strict=True)])  # fmt: skip
+        _write_out(Path(args.out), args, model, preds, names)
+    units = model.units if args.units is None else args.units
     if args.json:
         print(json.dumps(records(preds, names)))
     elif not args.out:
@@ -507,7 +666,7 @@ def _run(args: argparse.Namespace) -> None:
                 f"{n} {p[i * step]:.2f}" + (f" [{p[i * step + 1]:.2f}, {p[i * step + 2]:.2f}]" if step == 3 else "")
                 for i, n in enumerate(model.target_names)
             )
-            print(f"{inputs} -> {yields} ({args.units})")
+            print(f"{inputs} -> {yields}" + (f" ({units})" if units else ""))
     else:
         print(f"wrote {len(preds)} predictions to {args.out}")
 

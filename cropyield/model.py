@@ -40,6 +40,7 @@ class BaseRegressor(L.LightningModule):
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
+        units: str | None = None,
         **hparams,
     ) -> None:
         super().__init__()
@@ -65,6 +66,7 @@ class BaseRegressor(L.LightningModule):
                 "feature_names": list(feature_names),
                 "target_names": list(target_names),
                 "standardize": bool(standardize),
+                "units": None if units is None else str(units),
             }
         )
         self.register_buffer("feature_mean", torch.zeros(in_features))
@@ -112,6 +114,9 @@ class BaseRegressor(L.LightningModule):
             self.feature_std.copy_(dm.feature_std)
         if stage == "fit":
             self._adopt_encoding(getattr(self.trainer.datamodule, "encoding", None))
+        if stage == "fit" and self.hparams.units is None:
+            # Recorded in the checkpoint's hyper-parameters: what cropyield-predict prints after yields.
+            self.hparams.units = getattr(self.trainer.datamodule, "units", None)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -188,6 +193,9 @@ class CropYieldRegressor(BaseRegressor):
             data module's ``steps_per_call``) in a CUDA graph and replay it for every full chunk:
             the same kernels, launched at once. Per-step backward and optimizer hooks do not run.
             Ignored, with a warning, where it cannot apply (CPU, DDP, mixed precision, one batch a call).
+        units: the unit of the targets' values, recorded in checkpoints and printed by
+            ``cropyield-predict`` (e.g. ``hg/ha``). None takes the data module's when fitting: the
+            tutorial's "tons per hectare" for its embedded rows, none for other data.
     """
 
     def __init__(
@@ -199,6 +207,7 @@ class CropYieldRegressor(BaseRegressor):
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
         cuda_graph: bool = False,
+        units: str | None = None,
     ) -> None:
         super().__init__(
             in_features,
@@ -206,6 +215,7 @@ class CropYieldRegressor(BaseRegressor):
             feature_names,
             target_names,
             standardize,
+            units,
             lr=float(lr),
             cuda_graph=bool(cuda_graph),
         )
@@ -384,6 +394,7 @@ class ManualSGDRegressor(CropYieldRegressor):
         standardize: standardize inputs with the data module's feature statistics.
         cuda_graph: on one CUDA device, replay each chunk's steps as one CUDA graph (as for
             :class:`CropYieldRegressor`).
+        units: the unit of the targets' values (as for :class:`CropYieldRegressor`).
     """
 
     def __init__(
@@ -395,8 +406,9 @@ class ManualSGDRegressor(CropYieldRegressor):
         target_names: Sequence[str] | None = None,
         standardize: bool = False,
         cuda_graph: bool = False,
+        units: str | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, lr, feature_names, target_names, standardize, cuda_graph)
+        super().__init__(in_features, out_features, lr, feature_names, target_names, standardize, cuda_graph, units)
         self.automatic_optimization = False
 
     @override

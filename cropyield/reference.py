@@ -89,27 +89,32 @@ class QRFactor:
         p, width = self.num_features, len(self.shift)
         k = width + 1
         columns = [block[:, j] for block in blocks for j in range(block.shape[1])]
-        lows = torch.cat([block.amin(0).to(_F64) for block in blocks])
-        highs = torch.cat([block.amax(0).to(_F64) for block in blocks])
         shift, scale = self.shift, self.scale
         if float(self.count) == 0:
             first = torch.stack([c.to(_F64) for c in columns], dim=1)
             shift = first.mean(0) if center else torch.zeros_like(self.shift)
             if center:  # a column constant in the block is shifted to exactly 0 by its own value
-                shift = torch.where(lows == highs, first[0], shift)
+                shift = torch.where(first.amin(0) == first.amax(0), first[0], shift)
             spread = (first - shift).square().mean(0).sqrt()
             scale = torch.where((spread > 0) & torch.isfinite(spread), spread, torch.ones_like(spread))
-        low, high = torch.minimum(self.low, lows), torch.maximum(self.high, highs)
         chunks, size = -(-n // _CHUNK), min(n, _CHUNK)
         whole, rest = divmod(n, size)
         # Column-major chunks ([chunks, k, size], seen transposed), as LAPACK wants them; the last
         # chunk's unused rows stay zero, which adds nothing to the factor.
         work = torch.zeros(chunks, k, size, dtype=_F64, device=blocks[0].device)
         inverse = 1 / scale
+        extremes = torch.empty(2, width, dtype=_F64, device=work.device)
         for i, c in enumerate(self.columns):
-            work[:whole, c].copy_(columns[i][: whole * size].view(whole, size)).sub_(shift[i]).mul_(inverse[i])
+            # The raw values' extremes are taken on the contiguous float64 copy: a column reduction
+            # of the row-major batch measured 4 ms of an 11 ms update of 131,072 rows.
+            parts = [work[:whole, c].copy_(columns[i][: whole * size].view(whole, size))]
             if rest:
-                work[whole, c, :rest].copy_(columns[i][whole * size :]).sub_(shift[i]).mul_(inverse[i])
+                parts.append(work[whole, c, :rest].copy_(columns[i][whole * size :]))
+            extremes[0, i] = torch.cat([part.reshape(-1, part.shape[-1]).amin(1) for part in parts]).amin()
+            extremes[1, i] = torch.cat([part.reshape(-1, part.shape[-1]).amax(1) for part in parts]).amax()
+            for part in parts:
+                part.sub_(shift[i]).mul_(inverse[i])
+        low, high = torch.minimum(self.low, extremes[0]), torch.maximum(self.high, extremes[1])
         work[:whole, p] = 1
         if rest:
             work[whole, p, :rest] = 1

@@ -110,13 +110,12 @@ def test_predict_csv_to_out_csv(trained, tmp_path):
         cwd=tmp_path,
     )
     lines = out.read_text().splitlines()
-    assert lines[0] == "temp,rainfall,humidity,apples,oranges"
+    assert lines[0] == "id,temp,rainfall,humidity,apples,oranges"  # every input column, then the predictions
     model = load_regressor(folder / "checkpoints" / "last.ckpt")
     with torch.no_grad():
         expected = model(torch.tensor([r[1:] for r in rows], dtype=torch.float32))
-    got = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]])
-    assert torch.equal(got[:, :3], torch.tensor([r[1:] for r in rows], dtype=torch.float32))
-    assert torch.equal(got[:, 3:], expected)
+    assert [line.split(",")[:4] for line in lines[1:]] == [[str(v) for v in r] for r in rows]
+    assert torch.equal(torch.tensor([[float(v) for v in line.split(",")[4:]] for line in lines[1:]]), expected)
 
 
 def test_lightningcli_predict_writes_a_csv(trained, tmp_path):

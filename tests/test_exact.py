@@ -285,7 +285,9 @@ def test_report_summary_and_predict_interval_commands(tmp_path, tutorial_csv):
     run("cropyield-predict", "--ckpt", "checkpoints/last.ckpt", "--csv", tutorial_csv, "--interval", "0.9",
         "--kind", "mean", "--out", "p.csv", cwd=tmp_path)  # fmt: skip
     header = (tmp_path / "p.csv").read_text().splitlines()[0]
-    assert header == "temp,rainfall,humidity,apples,apples_lower,apples_upper,oranges,oranges_lower,oranges_upper"
+    # The input holds the targets: every prediction column is prefixed predicted_.
+    predicted = ",".join(f"predicted_{t}{s}" for t in ("apples", "oranges") for s in ("", "_lower", "_upper"))
+    assert header == "temp,rainfall,humidity,apples,oranges," + predicted
     # An SGD checkpoint has neither: one line, exit 2.
     run("cropyield", "fit", "--trainer.max_epochs", "2", "--trainer.default_root_dir", "sgd", cwd=tmp_path)
     sgd = "sgd/checkpoints/last.ckpt"

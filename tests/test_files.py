@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cropyield import CropYieldError
-from cropyield.files import read_table
+from cropyield.files import check_files, data_files, read_table
 
 COLUMNS = ["temp", "rainfall", "humidity", "apples", "oranges"]
 HEADER = "temp,rainfall,humidity,apples,oranges\n"
@@ -130,3 +130,19 @@ def test_property_arbitrary_bytes_give_a_float32_table_or_cropyield_error(tmp_pa
     _check_result_or_error(path, ["a"])
     (tmp_path / "p.parquet").write_bytes(content)
     _check_result_or_error(tmp_path / "p.parquet", ["a"])
+
+
+def test_check_files_reads_columns_by_name_in_any_order(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "a.csv").write_text(HEADER + "1,2,3,4,5\n")
+    (folder / "b.csv").write_text("oranges,id,humidity,temp,apples,rainfall\n5,x,3,1,4,2\n")
+    (folder / "c.csv").write_text("temp,humidity,apples,oranges\n1,3,4,5\n")
+    files = data_files(folder)
+    assert [f.name for f in files] == ["a.csv", "b.csv", "c.csv"]
+    check_files(files[:2], COLUMNS)  # b.csv: another order, an unused column
+    assert read_table(files[1], COLUMNS).tolist() == read_table(files[0], COLUMNS).tolist()
+    with pytest.raises(CropYieldError, match=r"b\.csv: has column\(s\) \['id'\] that a\.csv lacks"):
+        check_files(files[:2], COLUMNS, same_as=COLUMNS)
+    with pytest.raises(CropYieldError, match=r"c\.csv: missing column\(s\) \['rainfall'\]"):
+        check_files(files, COLUMNS)

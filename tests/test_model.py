@@ -154,6 +154,7 @@ def test_hyperparameters_are_plain_values_and_linear_is_the_only_parameter_modul
         "feature_names": ["feature_0", "feature_1", "feature_2", "feature_3"],
         "target_names": ["target_0"],
         "standardize": False,
+        "units": None,
     }
     trainer = L.Trainer(max_epochs=1, **quiet)
     dm = CropYieldDataModule.from_tensors(torch.rand(10, 4), torch.rand(10, 1))

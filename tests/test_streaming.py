@@ -64,11 +64,54 @@ def test_a_folder_is_its_files_in_sorted_order(tmp_path):
     assert np.array_equal(np.concatenate(parts), expected)
 
 
-def test_a_file_with_other_columns_is_named(tmp_path):
+def write_mixed_folder(folder) -> np.ndarray:
+    """write_folder's rows, but each file holds the columns in its own order, with unused extra ones:
+    Parquet with a numeric ``weight``, a 3-block CSV with a quoted text ``region`` holding commas."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [table(n, seed=k, first=first) for k, (n, first) in enumerate([(700, 0), (1300, 700), (300, 2000)])]
+    orders = [[4, 2, 0, 3, 1], [1, 3, 0, 4, 2], [3, 0, 4, 1, 2]]
+    for k in (0, 1):
+        arrow = {COLUMNS[j]: rows[k][:, j] for j in orders[k]}
+        arrow["weight"] = np.full(len(rows[k]), 7.0 + k)
+        pq.write_table(pa.table(arrow), folder / f"part-{k}.parquet", row_group_size=250)
+    header = ["region", *(COLUMNS[j] for j in orders[2])]
+    lines = [",".join(header)] + [f'"r{i}, north",' + ",".join(repr(float(v)) for v in r[orders[2]]) for i, r in
+                                  enumerate(rows[2])]  # fmt: skip
+    (folder / "part-2.csv").write_text("\n".join(lines) + "\n")
+    return np.concatenate(rows)
+
+
+def test_a_folder_is_read_by_column_name_in_memory_and_streamed(tmp_path):
+    expected = torch.from_numpy(write_mixed_folder(tmp_path / "d"))
+    names = {"feature_names": COLUMNS[:3], "target_names": COLUMNS[3:]}
+    dm = CropYieldDataModule(data_path=str(tmp_path / "d"), **names)
+    dm.setup("fit")
+    assert torch.equal(torch.cat(dm.training_rows(), 1), expected)
+    streamed = CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=True, batch_size=128, **names)
+    streamed.setup("predict")
+    assert torch.equal(torch.cat([torch.cat(batch, 1) for batch in streamed.predict_dataloader()]), expected)
+    # CSV blocks after the first are parsed with their own file's header too.
+    pieces = list_pieces(data_files(tmp_path / "d"), COLUMNS, csv_block_bytes=4096)
+    assert sum(p.path.endswith(".csv") for p in pieces) >= 3
+    source = StreamSource(pieces, COLUMNS, 0.0, seed=0)
+    assert torch.equal(torch.from_numpy(np.concatenate([source.read(i) for i in range(len(pieces))])), expected)
+
+
+def test_a_folder_file_missing_a_column_or_with_one_more_than_the_first_is_named(tmp_path):
     write_folder(tmp_path / "d")
     write_csv(tmp_path / "d" / "zz.csv", ["temp", "rain", "humidity", "apples", "oranges"], [[1, 2, 3, 4, 5]])
-    with pytest.raises(CropYieldError, match=r"zz\.csv: its columns .* differ from those of part-0\.parquet"):
-        CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=True)
+    for streaming in (False, True):
+        with pytest.raises(CropYieldError, match=r"zz\.csv: missing column\(s\) \['rainfall'\]") as info:
+            CropYieldDataModule(data_path=str(tmp_path / "d"), streaming=streaming)
+        assert "\n" not in str(info.value)
+    write_csv(tmp_path / "d" / "zz.csv", [*COLUMNS, "rain"], [[1, 2, 3, 4, 5, 6]])
+    # Features taken from the first file: a column only some files hold could be one of them.
+    with pytest.raises(CropYieldError, match=r"zz\.csv: has column\(s\) \['rain'\] that part-0\.parquet lacks"):
+        CropYieldDataModule(data_path=str(tmp_path / "d"))
+    # Named features: the extra column is ignored.
+    dm = CropYieldDataModule(data_path=str(tmp_path / "d"), feature_names=COLUMNS[:3])
+    dm.setup("fit")
+    assert torch.cat(dm.training_rows(), 1)[-1].tolist() == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
