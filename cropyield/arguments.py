@@ -144,8 +144,9 @@ def _normalized(key: str) -> str:
     return key if parts[1] == "class_path" else "model.init_args." + ".".join(parts[1:])
 
 
-def check_agreement(path: str, config, given: set[str], variant: str, hparams: dict) -> None:
-    """Refuses, in one line, arguments that contradict the model a checkpoint holds."""
+def check_agreement(path: str, config, given: set[str], variant: str, hparams: dict, data: dict | None = None) -> None:
+    """Refuses, in one line, arguments that contradict the model a checkpoint holds (``data``: the
+    values the data module takes from it, where they are not the model's: raw categorical columns)."""
     problems = []
     if "model.class_path" in given:
         named = str(config.model.class_path).rsplit(".", 1)[-1]
@@ -159,9 +160,9 @@ def check_agreement(path: str, config, given: set[str], variant: str, hparams: d
         elif not _same(value, hparams[name]):
             problems.append(f"--model.{name} {_shown(value)} (saved: {_shown(hparams[name])})")
     for name in _FROM_DATA:
-        value = config.data.get(name)
-        if f"data.{name}" in given and name in hparams and value is not None and not _same(value, hparams[name]):
-            problems.append(f"--data.{name} {_shown(value)} (saved: {_shown(hparams[name])})")
+        value, saved = config.data.get(name), (data or {}).get(name, hparams.get(name))
+        if f"data.{name}" in given and name in hparams and value is not None and not _same(value, saved):
+            problems.append(f"--data.{name} {_shown(value)} (saved: {_shown(saved)})")
     if problems:
         raise CropYieldError(
             f"{path}: {'; '.join(problems)}: contradicts the {variant} this checkpoint holds, which is rebuilt "

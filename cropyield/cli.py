@@ -134,8 +134,12 @@ class CropYieldCLI(LightningCLI):
         cls, hparams = saved_model(path, checkpoint)
         variant = cls.__name__
         given = given_keys(self._args, subcommand)
-        check_agreement(path, config, given, variant, hparams)
         data = {key: hparams[key] for key in ("feature_names", "target_names") if key in hparams}
+        encoding = (checkpoint.get("cropyield") or {}).get("encoding")
+        if isinstance(encoding, dict) and isinstance(encoding.get("columns"), list):
+            data["feature_names"] = encoding["columns"]  # categorical: the data reads the raw columns
+            data["levels"] = encoding.get("levels")  # and encodes them with the checkpoint's levels
+        check_agreement(path, config, given, variant, hparams, data)
         if subcommand == "fit" and "standardize" in hparams:
             data["standardize"] = hparams["standardize"]  # a resumed fit recomputes the same scaler
         model = {"class_path": f"{cls.__module__}.{variant}", "init_args": hparams}

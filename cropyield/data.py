@@ -8,6 +8,11 @@ Which path serves the rows:
 - ``streaming=True``: rows read piece by piece from the files, never all at once
   (:mod:`cropyield.streaming`);
 - the exact solver (a model with ``exact_pass``): every training row once, in order.
+
+The first two are a :class:`~cropyield.sources.TableSource`, streaming a
+:class:`~cropyield.sources.StreamedSource`: the module builds one per stage and calls it once per
+hook. Categorical columns are encoded and rows with a missing cell dropped before the rows reach
+a source (:mod:`cropyield.encoding`).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from collections.abc import Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from cropyield.batches import Chunks, EpochPermutation, GatheredBatches, SlicedBatches
+from cropyield.batches import Chunks, Resumable
+from cropyield.cells import text_columns
+from cropyield.encoding import DEFAULT_MAX_LEVELS, MISSING_CHOICES, Encoding
 from cropyield.errors import CropYieldError
-from cropyield.files import check_columns, check_files, data_files, list_pieces, read_columns, read_piece, read_table
+from cropyield.files import check_columns, check_files, data_files, read_columns
 from cropyield.reference import QRFactor
-from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER, StreamedBatches, StreamedRows, StreamSource
+from cropyield.sources import Layout, LoaderOptions, RowReader, RowSource, TableSource
+from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
 # built-ins section. The first 5 rows are the from-scratch section's data.
@@ -47,7 +54,6 @@ TARGET_NAMES = ("apples", "oranges")
 TUTORIAL_UNITS = "tons per hectare"  # the tutorial's unit of yield; other data's is not known
 
 FAST_PATH_MIN_ROWS = 50_000
-MIN_ROWS = 2
 
 
 class CropYieldDataModule(L.LightningDataModule):
@@ -71,7 +77,8 @@ class CropYieldDataModule(L.LightningDataModule):
             that fraction is drawn; streaming, each row is held out by a hash of its file and position.
         limit_rows: use only the first N rows (5 gives the tutorial's from-scratch data).
         standardize: compute per-feature mean and std on the training rows; a model created with
-            ``standardize=True`` stores them and standardizes its inputs.
+            ``standardize=True`` stores them and standardizes its inputs (numeric columns only:
+            the 0/1 columns of categorical ones stay as they are).
         seed: seed of the held-out split and of the fast path's shuffling. None takes the global
             seed (the one ``seed_everything`` set) when the data is set up.
         fast_path_min_rows: from this many training rows on, batches are gathered from one tensor
@@ -87,6 +94,17 @@ class CropYieldDataModule(L.LightningDataModule):
             rows a call, at most 64 batches, a divisor of ``every_n_train_steps``); 1 turns it off.
             Only cropyield's own ``training_step`` does this: a subclass that overrides it gets
             one batch per call.
+        categorical_names: input columns encoded as categories (treatment coding: levels sorted,
+            the first the reference, one 0/1 column ``Item[T.Potatoes]`` per other level). Default:
+            every input column whose values are text; a numeric column such as ``Year`` may be named.
+            The levels are learned from the training rows in one pass that reads only these columns.
+        max_levels: the most distinct values a categorical column may hold (more is an error: an
+            identifier column is not a category).
+        missing: ``error`` (a missing cell stops with its file, row and column) or ``drop`` (rows
+            with an empty, NaN or null cell in a used column are left out of training, validation
+            and the statistics; one line says how many, per column).
+        levels: the levels of categorical columns, as ``{"Item": ["Maize", "Potatoes"]}``, the first
+            the reference, instead of learning them (a model rebuilt from a checkpoint uses its own).
     """
 
     _memory: tuple[tuple[str, ...], torch.Tensor] | None = None  # (column names, rows), from_tensors
@@ -107,6 +125,10 @@ class CropYieldDataModule(L.LightningDataModule):
         streaming: bool = False,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         steps_per_call: int | None = None,
+        categorical_names: Sequence[str] | None = None,
+        max_levels: int = DEFAULT_MAX_LEVELS,
+        missing: str = "error",
+        levels: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         if data_path is not None and csv_path is not None:
@@ -121,6 +143,10 @@ class CropYieldDataModule(L.LightningDataModule):
             raise CropYieldError(f"steps_per_call must be at least 1, got {steps_per_call}")
         if shuffle_buffer < 1:
             raise CropYieldError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
+        if missing not in MISSING_CHOICES:
+            raise CropYieldError(f"missing must be one of {list(MISSING_CHOICES)}, got {missing!r}")
+        if max_levels < 1:
+            raise CropYieldError(f"max_levels must be at least 1, got {max_levels}")
         path = data_path if data_path is not None else csv_path
         if streaming and path is None:
             raise CropYieldError("streaming=True reads files: give data_path (a file or a folder)")
@@ -135,6 +161,8 @@ class CropYieldDataModule(L.LightningDataModule):
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
         self.steps_per_call = steps_per_call
+        self.max_levels = max_levels
+        self.missing = missing
 
         if self.data_path is not None:
             # The headers are read now, so a bad path or column fails before a Trainer exists.
@@ -149,24 +177,40 @@ class CropYieldDataModule(L.LightningDataModule):
         inferred = feature_names is None
         if feature_names is None:
             feature_names = [c for c in columns if c not in self.target_names]
-        self.feature_names = tuple(feature_names)
-        check_columns(source, self.feature_names, columns)
-        overlap = sorted(set(self.feature_names) & set(self.target_names))
+        self.input_names = tuple(feature_names)  # the raw input columns; feature_names are the encoded ones
+        check_columns(source, self.input_names, columns)
+        overlap = sorted(set(self.input_names) & set(self.target_names))
         if overlap:
             raise CropYieldError(f"column(s) {overlap} cannot be both a feature and a target")
-        if not self.feature_names or not self.target_names:
+        if not self.input_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
         if self.data_path is not None:  # a folder's files: columns by name, in any order
-            check_files(self._files, [*self.feature_names, *self.target_names], columns if inferred else None)
+            check_files(self._files, [*self.input_names, *self.target_names], columns if inferred else None)
+        given = {str(c): tuple(str(v) for v in values) for c, values in (levels or {}).items()}
+        if categorical_names is None:
+            categorical_names = text_columns(self._files[0], self.input_names) if self.data_path else ()
+        categorical_names = [*categorical_names, *(c for c in given if c not in categorical_names)]
+        unknown = [c for c in categorical_names if c not in self.input_names]
+        if unknown:
+            raise CropYieldError(f"categorical_names {unknown} are not feature columns ({list(self.input_names)})")
+        self.categorical_names = tuple(c for c in self.input_names if c in categorical_names)
         self._columns = tuple(columns)
+        layout = Layout(self.input_names, self.target_names, self.categorical_names, missing)
+        memory = self._memory or ((*FEATURE_NAMES, *TARGET_NAMES), torch.cat([INPUTS, TARGETS], 1))
+        files = self._files if self.data_path is not None else None
+        self._reader = RowReader(source, files, memory, layout, limit_rows, val_fraction, streaming, max_levels)
+        if any(not values for values in given.values()):
+            raise CropYieldError(f"levels must name at least one level per column, got {levels}")
+        self._levels = given
+        self._encoding: Encoding | None = None
+        if set(self.categorical_names) <= set(given):  # nothing to learn
+            self._encoding = Encoding(self.input_names, {c: given[c] for c in self.categorical_names})
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
-        self._train: torch.Tensor | None = None  # [rows, features + targets]
-        self._eval: torch.Tensor | None = None  # validation/test rows, same layout
-        self._predict: torch.Tensor | None = None  # [rows, features (+ targets when present)]
+        self._source: RowSource | None = None
+        self._predict_source: tuple[Encoding, RowSource] | None = None
+        self._checkpoint_source: tuple[Encoding, RowSource] | None = None
         self._statistics: QRFactor | None = None
-        self._stream: StreamSource | None = None  # streaming: the pieces and the split
-        self._predict_stream: StreamSource | None = None
 
     @classmethod
     def from_tensors(
@@ -202,6 +246,19 @@ class CropYieldDataModule(L.LightningDataModule):
         return dm
 
     @property
+    def encoding(self) -> Encoding:
+        """How the raw input columns become the model's features; with categorical columns, the
+        first use learns their levels from the training rows (one pass)."""
+        if self._encoding is None:
+            self._encoding = self._reader.learn(self._seed(), given=self._levels)
+        return self._encoding
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The model's input columns: the numeric inputs and the categorical ones' 0/1 columns."""
+        return self.encoding.feature_names
+
+    @property
     def num_features(self) -> int:
         return len(self.feature_names)
 
@@ -210,133 +267,83 @@ class CropYieldDataModule(L.LightningDataModule):
         return len(self.target_names)
 
     @property
+    def dropped(self) -> str | None:
+        """With ``missing="drop"``: the line saying how many rows a missing cell left out, per column."""
+        return self._reader.dropped
+
+    @property
     def units(self) -> str | None:
         """The targets' unit, where known: the tutorial's for its embedded rows, else None."""
         return TUTORIAL_UNITS if self.data_path is None and self._memory is None else None
 
     @property
     def uses_fast_path(self) -> bool:
-        return self._train is not None and len(self._train) >= self.fast_path_min_rows
+        return isinstance(self._source, TableSource) and self._source.uses_fast_path
 
     def setup(self, stage: str) -> None:
-        if self.streaming:
-            self._setup_streaming(stage)
-            return
         if stage == "predict":
-            if self._predict is None:
-                self._predict = self._load(targets_required=False)
+            return  # built by predict_dataloader: a checkpoint given to the Trainer is restored by then
+        if self._source is not None:
             return
-        if self._train is not None:
-            return
-        rows = self._load(targets_required=True)
-        n_val = round(len(rows) * self.val_fraction)
-        # Two rows at least on each side: R² is undefined on one.
-        if len(rows) < MIN_ROWS or (self.val_fraction > 0 and not MIN_ROWS <= n_val <= len(rows) - MIN_ROWS):
-            split = f" to hold out val_fraction={self.val_fraction}" if self.val_fraction else ""
-            raise CropYieldError(
-                f"{self._source_name()}: {len(rows)} rows are too few{split} (need at least {MIN_ROWS} rows for "
-                f"training and, when held out, {MIN_ROWS} for validation)"
-            )
-        if n_val:
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self._seed()))
-            self._eval = rows[order[:n_val].sort().values]
-            self._train = rows[order[n_val:].sort().values]
-        else:
-            self._train = self._eval = rows
-        if self.standardize:
-            mean, std = self.statistics().feature_scale()
-            self.feature_mean, self.feature_std = mean.float(), std.float()
-
-    def _setup_streaming(self, stage: str) -> None:
-        if stage == "predict":
-            if self._predict_stream is None:
-                wanted = self._wanted(targets_required=False)
-                pieces = list_pieces(self._files, wanted, self.limit_rows)
-                self._predict_stream = StreamSource(pieces, wanted, 0.0, self._seed())
-            return
-        if self._stream is not None:
-            return
-        wanted = self._wanted(targets_required=True)
-        pieces = list_pieces(self._files, wanted, self.limit_rows)
-        self._stream = StreamSource(pieces, wanted, self.val_fraction, self._seed(), self._dtype())
-        train, held = sum(self._stream.train_counts), sum(p.rows for p in pieces) - sum(self._stream.train_counts)
-        if train < MIN_ROWS or (self.val_fraction > 0 and held < MIN_ROWS):
-            raise CropYieldError(
-                f"{self.data_path}: {train} training and {held} held-out rows are too few (need at least "
-                f"{MIN_ROWS} of each)"
-            )
+        if self._encoding is None:  # here every process is present: each reads its share of the pieces
+            self._encoding = self._reader.learn(self._seed(), *self._rank_and_world(), given=self._levels)
+        self._source = self._reader.fit_source(
+            self.encoding, self._seed(), self.fast_path_min_rows, *self._rank_and_world(), self._dtype()
+        )  # every process is here: a first pass still to be made is shared
+        self._agree_across_processes()
+        if self.dropped and (self.trainer is None or self.trainer.is_global_zero):
+            print(self.dropped, flush=True)
         if self.standardize and self.feature_mean is None:
             mean, std = self.statistics().feature_scale()
-            self.feature_mean, self.feature_std = mean.float(), std.float()
+            numeric = torch.from_numpy(self.encoding.numeric)
+            self.feature_mean = torch.where(numeric, mean, 0).float()
+            self.feature_std = torch.where(numeric, std, 1).float()
 
     def statistics(self) -> QRFactor:
         """The float64 QR factor of the training rows ``[features | 1 | targets]``, computed once:
         the least-squares optimum, ``standardize`` and the stable-step check all use it.
         Streaming, they take one pass over the files (each process reads its share under DDP)."""
         if self._statistics is None:
-            if self._stream is not None:
-                rank, world = self._rank_and_world()
-                self._statistics = self._stream.statistics(self.num_features, rank, world)
-            elif self._train is not None:
-                self._statistics = QRFactor.of_table(self._train, self.num_features)
-            else:
+            if self._source is None:
                 raise RuntimeError("call setup('fit') first")
+            self._statistics = self._source.statistics(*self._rank_and_world())
         return self._statistics
 
     @property
     def statistics_in_hand(self) -> bool:
         """Whether :meth:`statistics` costs no pass over files: computed already, or rows in memory."""
-        return self._statistics is not None or self._stream is None
+        return self._statistics is not None or not getattr(self._source, "statistics_cost_a_pass", False)
 
     def training_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training inputs and targets (views into one table); call after ``setup("fit")``.
         Not available when streaming: the rows are never all in memory."""
-        if self._train is None:
+        if not isinstance(self._source, TableSource):
             raise RuntimeError("call setup('fit') first" + ("; not available when streaming" * self.streaming))
-        return self._train[:, : self.num_features], self._train[:, self.num_features :]
+        train = self._source.train
+        return train[:, : self.num_features], train[:, self.num_features :]
 
     def train_dataloader(self):
         exact = getattr(self.trainer and self.trainer.lightning_module, "exact_pass", False)
-        if self._stream is not None:
-            rank, world = self._rank_and_world()
-            loader = StreamedBatches(
-                self._stream, self.num_features, self.batch_size, self.shuffle, self._seed(), rank, world,
-                exact_pass=exact, shuffle_buffer=self.shuffle_buffer,
-            )  # fmt: skip
-            return self._chunked(loader)
-        if exact:
-            # The exact solver reads every training row once, each process a disjoint share.
-            rank, world = self._rank_and_world()
-            return SlicedBatches(self._train, self.num_features, self.batch_size, rank, world)
-        if self.uses_fast_path:
-            rank, world = self._rank_and_world()
-            device = self.trainer.strategy.root_device if self.trainer is not None else None
-            if device is not None and self._train.device != device:
-                self._train = self._train.to(device)  # once: batches are then gathered on the device
-            sampler = EpochPermutation(
-                len(self._train),
-                self.batch_size,
-                self.shuffle,
-                self._seed(),
-                rank,
-                world,
-            )
-            return self._chunked(GatheredBatches(self._train, self.num_features, sampler))
-        inputs, targets = self.training_rows()
-        return DataLoader(
-            TensorDataset(inputs.contiguous(), targets.contiguous()),
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        options = LoaderOptions(
+            self.batch_size, self.shuffle, self._seed(), self.fast_path_min_rows, self.shuffle_buffer
         )
+        loader = self._ready(self._source).train_loader(options, *self._rank_and_world(), exact=exact, device=device)
+        return self._chunked(loader) if isinstance(loader, Resumable) else loader
 
     def val_dataloader(self):
-        return self._ordered(self._eval, self.num_features, self._stream)
+        return self._eval_source().eval_loader(self.batch_size, *self._rank_and_world())
 
     def test_dataloader(self):
-        return self._ordered(self._eval, self.num_features, self._stream)
+        return self._eval_source().eval_loader(self.batch_size, *self._rank_and_world())
 
     def predict_dataloader(self):
-        return self._ordered(self._predict, self.num_features, self._predict_stream, part="all")
+        encoding = self._model_encoding() or self.encoding
+        if self._predict_source is None or self._predict_source[0] != encoding:
+            targets = self.target_names if all(t in self._columns for t in self.target_names) else ()
+            source = self._reader.predict_source(encoding, targets, self._seed(), self.fast_path_min_rows)
+            self._predict_source = (encoding, source)
+        return self._predict_source[1].eval_loader(self.batch_size, *self._rank_and_world())
 
     def state_dict(self) -> dict:
         # The tutorial's loader shuffles with the global RNG: saving its state lets a resumed run
@@ -366,66 +373,48 @@ class CropYieldDataModule(L.LightningDataModule):
             loader.progress = lambda: progress.ready
         return loader
 
-    def _ordered(self, rows: torch.Tensor | None, num_features: int, stream: StreamSource | None, part: str = "val"):
-        if stream is not None:
-            rank, world = self._rank_and_world()
-            return StreamedRows(stream, num_features, self.batch_size, part, rank, world)
-        if rows is None:
+    @staticmethod
+    def _ready(source: RowSource | None) -> RowSource:
+        if source is None:
             raise RuntimeError("call setup() first")
-        if len(rows) >= self.fast_path_min_rows:
-            rank, world = self._rank_and_world()
-            return SlicedBatches(rows, num_features, self.batch_size, rank, world)
-        tensors = [rows[:, :num_features].contiguous()]
-        if rows.shape[1] > num_features:
-            tensors.append(rows[:, num_features:].contiguous())
-        # Its own generator: an iterator of a loader without one draws a seed from the global RNG,
-        # which would shift the next training shuffle away from the tutorial's.
-        return DataLoader(
-            TensorDataset(*tensors), batch_size=self.batch_size, shuffle=False, generator=torch.Generator()
-        )
+        return source
 
-    def _source_name(self) -> str:
-        return self.data_path or ("the given tensors" if self._memory else "the embedded data")
+    def _model_encoding(self) -> Encoding | None:
+        """The encoding of the Trainer's model when it has categorical columns (a checkpoint's levels)."""
+        spec = getattr(self.trainer.lightning_module if self.trainer is not None else None, "encoding", None)
+        return Encoding.from_dict(spec) if spec else None
 
-    def _wanted(self, targets_required: bool) -> list[str]:
-        wanted = list(self.feature_names)
-        if targets_required or all(t in self._columns for t in self.target_names):
-            wanted += self.target_names
-        return wanted
+    def _eval_source(self) -> RowSource:
+        """The held-out rows, encoded as the model was trained (validate/test from a checkpoint
+        whose levels differ from those learned here read them again with the checkpoint's)."""
+        source, encoding = self._ready(self._source), self._model_encoding()
+        if encoding is None or encoding == self.encoding:
+            return source
+        if self._checkpoint_source is None or self._checkpoint_source[0] != encoding:
+            rows = self._reader.fit_source(encoding, self._seed(), self.fast_path_min_rows, dtype=self._dtype())
+            self._checkpoint_source = (encoding, rows)
+        return self._checkpoint_source[1]
+
+    def _agree_across_processes(self) -> None:
+        """Under DDP every process must encode alike: the levels are gathered and compared."""
+        if self.trainer is None or self.trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return
+        gathered: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, self.encoding.to_dict())  # every process is here
+        for rank, other in enumerate(gathered):
+            if other != gathered[0]:
+                raise CropYieldError(
+                    f"process {rank} found other categorical levels than process 0 ({other['levels']} vs "
+                    f"{gathered[0]['levels']}): every process must read the same data"
+                )
 
     def _dtype(self) -> torch.dtype:
         """float64 for a model that asks for it (the exact solver: every digit of the files), else float32."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         return getattr(model, "data_dtype", torch.float32)
 
-    def _load(self, targets_required: bool) -> torch.Tensor:
-        wanted = self._wanted(targets_required)
-        dtype = self._dtype() if targets_required else torch.float32
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        if self.data_path is not None and len(self._files) == 1:
-            rows = torch.from_numpy(read_table(self._files[0], wanted, np_dtype))
-        elif self.data_path is not None:  # a folder: its pieces, each copied once into one table
-            pieces = list_pieces(self._files, wanted, self.limit_rows)
-            table = np.empty((sum(p.rows for p in pieces), len(wanted)), dtype=np_dtype)
-            start = 0
-            for piece in pieces:
-                table[start : start + piece.rows] = read_piece(piece, wanted, np_dtype)
-                start += piece.rows
-            rows = torch.from_numpy(table)
-        else:
-            columns, table = self._memory or (
-                (*FEATURE_NAMES, *TARGET_NAMES),
-                torch.cat([INPUTS, TARGETS], 1),
-            )
-            order = [columns.index(c) for c in wanted]
-            # Columns already in order are a view: no second copy of the user's rows. float32 rows
-            # stay float32 (the exact solver widens each batch); float64 ones are rounded for SGD only.
-            rows = table[:, : len(order)] if order == list(range(len(order))) else table[:, order]
-            if rows.dtype != torch.float32 and dtype == torch.float32:
-                rows = rows.float()
-        if self.limit_rows is not None:
-            rows = rows[: self.limit_rows]
-        return rows
+    def _source_name(self) -> str:
+        return self.data_path or ("the given tensors" if self._memory else "the embedded data")
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else torch.initial_seed() % 2**63

@@ -280,6 +280,7 @@ class LeastSquaresRegressor(BaseRegressor):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # the categorical encoding
         meta = checkpoint.get("cropyield") or {}
         self.load_fit_state(meta.get("exact"))
         partial = meta.get("partial_pass")

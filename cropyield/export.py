@@ -6,6 +6,9 @@
 JSON holds the weights, bias, scaler and feature/target names; :class:`JsonPredictor` needs only
 numpy. ONNX (the ``onnx`` extra) is a graph ``(x - mean) / std`` then ``Gemm`` with a dynamic batch
 dimension, built directly with ``onnx.helper``, so it runs in onnxruntime for any number of rows.
+A model with categorical columns takes its raw columns in both: the JSON holds the levels, and the
+ONNX graph has one ``[rows, 1]`` input per raw column, named by it (strings for categorical
+columns, encoded by ``ai.onnx.ml`` ``OneHotEncoder``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError
 
 JSON_FORMAT = "cropyield-linear/1"
@@ -44,6 +48,7 @@ class JsonPredictor:
         self.bias = np.asarray(spec["bias"], dtype=np.float32)
         self.mean = np.asarray(spec["feature_mean"], dtype=np.float32)
         self.std = np.asarray(spec["feature_std"], dtype=np.float32)
+        self.encoding = Encoding.from_dict(spec["encoding"]) if spec.get("encoding") else None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> JsonPredictor:
@@ -53,7 +58,13 @@ class JsonPredictor:
             raise CropYieldError(f"{path}: not a readable cropyield JSON export ({err})") from None
 
     def predict(self, rows) -> np.ndarray:
-        x = np.asarray(rows, dtype=np.float32).reshape(-1, len(self.feature_names))
+        """Rows of numbers in feature order, or (with categorical columns, or keyed by name) raw rows:
+        lists in the input columns' order or dicts keyed by column, strings encoded as training did."""
+        dicts = isinstance(rows, dict) or (isinstance(rows, list) and rows and isinstance(rows[0], dict))
+        if self.encoding is not None or dicts:
+            x = (self.encoding or Encoding(tuple(self.feature_names))).encode_rows(rows)
+        else:
+            x = np.asarray(rows, dtype=np.float32).reshape(-1, len(self.feature_names))
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
 
 
@@ -79,6 +90,8 @@ def export_json(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
         "feature_mean": mean.tolist(),
         "feature_std": std.tolist(),
     }
+    if model.encoding:  # categorical columns: raw columns in, levels to encode them
+        spec["encoding"] = model.encoding
     Path(out).write_text(json.dumps(spec, indent=2) + "\n")
     return Path(out)
 
@@ -103,19 +116,56 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
         helper.make_node("Div", ["centred", "feature_std"], ["scaled"]),
         helper.make_node("Gemm", ["scaled", "weight", "bias"], ["yields"], transB=1),
     ]
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["rows", n_in])]
+    opsets = [helper.make_opsetid("", 17)]
+    if model.encoding:
+        inputs, encode, extra = _onnx_encoder(Encoding.from_dict(model.encoding), helper, numpy_helper, TensorProto)
+        nodes, initializers = encode + nodes, initializers + extra
+        opsets.append(helper.make_opsetid("ai.onnx.ml", 2))
     graph = helper.make_graph(
         nodes,
         "cropyield",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["rows", n_in])],
+        inputs,
         [helper.make_tensor_value_info("yields", TensorProto.FLOAT, ["rows", n_out])],
         initializers,
         doc_string=f"features: {', '.join(model.feature_names)}; yields: {', '.join(model.target_names)}",
     )
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cropyield")
+    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="cropyield")
     onnx_model.ir_version = 8  # readable by onnxruntime releases from 1.14 on
     onnx.checker.check_model(onnx_model)
     onnx.save(onnx_model, out)
     return Path(out)
+
+
+def _onnx_encoder(encoding: Encoding, helper, numpy_helper, TensorProto):
+    """Graph inputs, one ``[rows, 1]`` tensor per raw column (strings for categorical ones), and
+    the nodes that encode them into ``features``: ``ai.onnx.ml`` ``OneHotEncoder`` with ``zeros=0``,
+    so an unseen level fails the run instead of becoming the reference, then the reference
+    level's column sliced off."""
+    inputs, nodes, initializers, parts = [], [], [], []
+    for k, name in enumerate(encoding.columns):
+        tensor = name  # the graph's inputs are the raw columns, by name
+        if name not in encoding.levels:
+            inputs.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, ["rows", 1]))
+            parts.append(tensor)
+            continue
+        levels = list(encoding.levels[name])
+        inputs.append(helper.make_tensor_value_info(tensor, TensorProto.STRING, ["rows", 1]))
+        nodes.append(helper.make_node("OneHotEncoder", [tensor], [f"onehot_{k}"], domain="ai.onnx.ml",
+                                      cats_strings=levels, zeros=0))  # fmt: skip
+        initializers += [
+            numpy_helper.from_array(np.array([-1, len(levels)], dtype=np.int64), f"shape_{k}"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), f"start_{k}"),
+            numpy_helper.from_array(np.array([len(levels)], dtype=np.int64), f"end_{k}"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), f"axis_{k}"),
+        ]
+        nodes += [
+            helper.make_node("Reshape", [f"onehot_{k}", f"shape_{k}"], [f"flat_{k}"]),
+            helper.make_node("Slice", [f"flat_{k}", f"start_{k}", f"end_{k}", f"axis_{k}"], [f"dummies_{k}"]),
+        ]
+        parts.append(f"dummies_{k}")
+    nodes.append(helper.make_node("Concat", parts, ["features"], axis=1))
+    return inputs, nodes, initializers
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -517,12 +517,14 @@ def _csv_pieces(path: str | Path, index: int, block_bytes: int) -> list[Piece]:
         while start < size:
             f.seek(start)
             data = f.read(block_bytes)
-            while len(data) == block_bytes and b"\n" not in data and start + len(data) < size:
+            line_ends = _line_ends(data)
+            while not len(line_ends) and start + len(data) < size:
                 data += f.read(block_bytes)  # a line longer than a block
+                line_ends = _line_ends(data)
             end = start + len(data)
-            cut = data.rfind(b"\n") + 1 if end < size else len(data)
+            cut = int(line_ends[-1]) + 1 if end < size else len(data)
             view = np.frombuffer(data, dtype=np.uint8, count=cut)
-            newlines = np.flatnonzero(view == 10)
+            newlines = line_ends[line_ends < cut]
             starts = np.concatenate([[0], newlines + 1])
             ends = np.concatenate([newlines, [cut]])
             if starts[-1] == cut:  # the block ends with a newline: no unterminated last line
@@ -537,3 +539,14 @@ def _csv_pieces(path: str | Path, index: int, block_bytes: int) -> list[Piece]:
             lines_before += len(newlines)
             start += cut
     return pieces
+
+
+def _line_ends(data: bytes) -> np.ndarray:
+    """Positions of the newlines that end CSV records: not those inside a quoted value (a block
+    starts outside quotes, and a doubled quote inside one leaves the count even)."""
+    view = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(view == 10)
+    if not len(newlines) or data.find(b'"', 0, int(newlines[-1])) < 0:
+        return newlines
+    inside = np.cumsum(view == 34, dtype=np.int64)[newlines] & 1
+    return newlines[inside == 0]

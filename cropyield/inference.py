@@ -24,11 +24,13 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cropyield import storage
+from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError
 
 _VARIANTS = ("CropYieldRegressor", "ManualSGDRegressor", "LeastSquaresRegressor")
@@ -154,6 +156,11 @@ def _spec(path: Path, checkpoint: dict) -> tuple[str, dict, dict[str, torch.Tens
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CropYieldError(f"{path}: {name} holds NaN or infinite values; the run that wrote it diverged")
+    if meta.get("encoding") is not None:  # categorical columns: the raw columns and every level
+        encoding = Encoding.from_dict(meta["encoding"], f"{path}: encoding")
+        if kwargs.get("feature_names") is not None and list(encoding.feature_names) != list(kwargs["feature_names"]):
+            raise CropYieldError(f"{path}: its encoding's columns are not its feature_names")
+        kwargs["encoding"] = encoding.to_dict()
     return variant, kwargs, state
 
 
@@ -178,6 +185,7 @@ def load_regressor(path: str | os.PathLike, map_location: str | torch.device | N
         regressor.load_state_dict(state)
     except RuntimeError as err:
         raise CropYieldError(f"{path}: weights do not fit the model ({' '.join(str(err).split())[:200]})") from None
+    regressor.encoding = kwargs.get("encoding")
     if hasattr(regressor, "load_fit_state"):  # the exact solver's statistics
         regressor.load_fit_state(_exact_state(checkpoint))
     return regressor.eval()
@@ -200,6 +208,8 @@ class LinearPredictor(nn.Module):
         )
         self.target_names = list(hparams.get("target_names") or [f"target_{i}" for i in range(hparams["out_features"])])
         self.standardize = bool(hparams.get("standardize", False))
+        self.encoding = hparams.get("encoding")  # raw columns and categorical levels, or None
+        self.input_names = list(self.encoding["columns"]) if self.encoding else self.feature_names
         self.units = hparams["units"] if "units" in hparams else legacy_units(self.feature_names, self.target_names)
         self.register_buffer("weight", state["linear.weight"])
         self.register_buffer("bias", state["linear.bias"])
@@ -238,12 +248,41 @@ def _names(model: nn.Module, kind: str) -> list[str]:
     return list(names) if names else []
 
 
+def encode_inputs(model: nn.Module, rows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The model's input tensor for raw rows: lists of values in the input columns' order, or dicts
+    keyed by column name; categorical values (strings) are encoded as training did.
+
+    Raises:
+        CropYieldError: a row of the wrong length or keys, a missing cell, a value that is not a
+            number in a numeric column, or a level the training data did not have (naming the
+            row, the column and the value).
+    """
+    spec = getattr(model, "encoding", None)
+    encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(_names(model, "feature")))
+    return torch.from_numpy(encoding.encode_rows(rows, dtype=np.float64 if dtype == torch.float64 else np.float32))
+
+
+def _raw_rows(model: nn.Module, rows) -> bool:
+    """Whether rows need :func:`encode_inputs`: lists or dicts for a model with categorical columns,
+    or dicts. A tensor or array holds the model's features already (encoded, as a data module serves them)."""
+    if isinstance(rows, (torch.Tensor, np.ndarray)):
+        return False
+    if getattr(model, "encoding", None):
+        return True
+    first = rows[0] if isinstance(rows, (list, tuple)) and rows else rows
+    return isinstance(rows, dict) or isinstance(first, dict)
+
+
 def predict(model: nn.Module, rows, interval: float | None = None, kind: str = "prediction"):
-    """Predicts yields for rows of inputs: a list of lists, a numpy array or a tensor.
+    """Predicts yields for rows of inputs: a list of lists, a list of dicts keyed by column name,
+    a numpy array or a tensor. A model with categorical columns takes the raw columns as lists or
+    dicts, strings included (``[["Potatoes", 1485.0, 121.0, 16.4]]``), and encodes them as training
+    did; a tensor or array holds its encoded features (the data module's rows).
 
     Args:
         model: a regressor (``load_regressor``) or a :class:`LinearPredictor`.
-        rows: the inputs, one row per region, in the model's feature order.
+        rows: the inputs, one row per region, in the model's feature order (raw columns, or dicts
+            keyed by column, for a model with categorical columns).
         interval: a level such as 0.95: also return the interval of each prediction, as
             statsmodels' ``get_prediction(...).summary_frame(alpha=1 - interval)`` (exact fits only).
         kind: ``"prediction"``: where a new observation falls (``obs_ci_*``); ``"mean"``: the
@@ -255,13 +294,16 @@ def predict(model: nn.Module, rows, interval: float | None = None, kind: str = "
 
     Raises:
         CropYieldError: the rows are ragged, have the wrong number of values, or hold non-numeric
-            or non-finite values; with ``interval``, no exact least-squares fit backs the model.
+            or non-finite values, a missing cell or an unseen level; with ``interval``, no exact
+            least-squares fit backs the model.
     """
     if interval is not None:
         return _with_interval(model, rows, interval, kind)
     try:
-        x = torch.as_tensor(rows, dtype=torch.float32)
+        x = encode_inputs(model, rows) if _raw_rows(model, rows) else torch.as_tensor(rows, dtype=torch.float32)
     except (ValueError, TypeError, RuntimeError) as err:
+        if isinstance(err, CropYieldError):
+            raise
         raise CropYieldError(
             f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
         ) from None
@@ -396,8 +438,11 @@ def _with_interval(model: nn.Module, rows, level: float, kind: str):
             "prediction intervals need an exact least-squares fit (LeastSquaresRegressor, l2=0); this model has none"
         )
     try:
-        x = torch.as_tensor(rows, dtype=torch.float64)
+        raw = _raw_rows(model, rows)
+        x = encode_inputs(model, rows, torch.float64) if raw else torch.as_tensor(rows, dtype=torch.float64)
     except (ValueError, TypeError, RuntimeError) as err:
+        if isinstance(err, CropYieldError):
+            raise
         raise CropYieldError(
             f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
         ) from None
@@ -491,9 +536,9 @@ def _write_out(out: Path, args: argparse.Namespace, model: LinearPredictor, pred
     (one per target, with its interval's bounds after it under ``--interval``)."""
     values = [[repr(v) for v in row] for row in preds.tolist()]
     if not args.csv:  # values from the command line: the text as typed
-        n = len(model.feature_names)
+        n = len(model.input_names)
         typed = [args.values[i : i + n] for i in range(0, len(args.values), n)]
-        header = model.feature_names + _prediction_names(targets, model.feature_names)
+        header = model.input_names + _prediction_names(targets, model.input_names)
         lines = [_fields(header)] + [_fields(x + p) for x, p in zip(typed, values, strict=True)]
         _atomic_write(out, lambda f: f.write("\n".join(lines) + "\n"))
         return
@@ -593,13 +638,21 @@ def _run(args: argparse.Namespace) -> None:
     model = LinearPredictor.from_checkpoint(args.ckpt)
     if args.csv and args.values:
         raise CropYieldError("give input values or --csv, not both")
-    if args.csv:
-        from cropyield.files import read_table
-
-        rows = torch.from_numpy(read_table(args.csv, model.feature_names))
+    if model.encoding:  # raw columns in, strings included; encoded as training did
+        if args.csv:
+            rows, x = _raw_csv(args.csv, model)
+        else:
+            rows = _groups(args.values, len(model.input_names))
+            x = encode_inputs(model, rows, torch.float64)
     else:
-        rows = torch.tensor(_parse_values(args.values, len(model.feature_names)))
-    preds, names = prediction_table(model, rows, args.interval, args.kind)
+        if args.csv:
+            from cropyield.files import read_table
+
+            x = torch.from_numpy(read_table(args.csv, model.feature_names))
+        else:
+            x = torch.tensor(_parse_values(args.values, len(model.feature_names)))
+        rows = x.tolist()
+    preds, names = prediction_table(model, x, args.interval, args.kind)
     if args.out:
         _write_out(Path(args.out), args, model, preds, names)
     units = model.units if args.units is None else args.units
@@ -607,8 +660,8 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps(records(preds, names)))
     elif not args.out:
         step = 3 if args.interval is not None else 1
-        for x, p in zip(rows.tolist(), preds.tolist(), strict=True):
-            inputs = ", ".join(f"{n}={v:g}" for n, v in zip(model.feature_names, x, strict=True))
+        for r, p in zip(rows, preds.tolist(), strict=True):
+            inputs = ", ".join(f"{n}={_shown(v)}" for n, v in zip(model.input_names, r, strict=True))
             yields = ", ".join(
                 f"{n} {p[i * step]:.2f}" + (f" [{p[i * step + 1]:.2f}, {p[i * step + 2]:.2f}]" if step == 3 else "")
                 for i, n in enumerate(model.target_names)
@@ -616,3 +669,33 @@ def _run(args: argparse.Namespace) -> None:
             print(f"{inputs} -> {yields}" + (f" ({units})" if units else ""))
     else:
         print(f"wrote {len(preds)} predictions to {args.out}")
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def _groups(values: Sequence[str], count: int) -> list[list[str]]:
+    if not values or len(values) % count:
+        raise CropYieldError(f"expected groups of {count} values (one group per region), got {len(values)} value(s)")
+    return [list(values[i : i + count]) for i in range(0, len(values), count)]
+
+
+def _raw_csv(path: str, model: LinearPredictor) -> tuple[list[list], torch.Tensor]:
+    """A file's input columns as raw rows (text kept) and encoded, for a model with categorical
+    columns; a missing cell or an unseen level is an error naming the file, row and column."""
+    from cropyield.cells import read_cells
+    from cropyield.encoding import Coded
+    from cropyield.files import check_columns, read_columns
+
+    check_columns(path, model.input_names, read_columns(path))
+    text = list(model.encoding["levels"])
+    columns, where = read_cells(path, [c for c in model.input_names if c not in text], text)
+    x, _, _ = Encoding.from_dict(model.encoding).encode(
+        columns, where=where, hint="prediction needs every cell", dtype=np.float64
+    )
+    values = [
+        [c.keys[k] for k in c.codes] if isinstance(c, Coded) else c.tolist()
+        for c in (columns[name] for name in model.input_names)
+    ]
+    return [list(row) for row in zip(*values, strict=True)], torch.from_numpy(x)

@@ -112,6 +112,8 @@ class BaseRegressor(L.LightningModule):
                 )
             self.feature_mean.copy_(dm.feature_mean)
             self.feature_std.copy_(dm.feature_std)
+        if stage == "fit":
+            self._adopt_encoding(getattr(self.trainer.datamodule, "encoding", None))
         if stage == "fit" and self.hparams.units is None:
             # Recorded in the checkpoint's hyper-parameters: what cropyield-predict prints after yields.
             self.hparams.units = getattr(self.trainer.datamodule, "units", None)
@@ -128,6 +130,27 @@ class BaseRegressor(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "class": type(self).__name__,
         }
+        if self.encoding is not None:  # plain lists and strings: loads with weights_only=True
+            checkpoint["cropyield"]["encoding"] = self.encoding
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.encoding = (checkpoint.get("cropyield") or {}).get("encoding")
+
+    encoding: dict | None = None  # the raw input columns and categorical levels (Encoding.to_dict)
+
+    def _adopt_encoding(self, encoding) -> None:
+        """Takes the data's encoding of categorical columns, which predictions then apply to raw rows."""
+        if encoding is None or not encoding.categorical:
+            return
+        if tuple(self.hparams.feature_names) != encoding.feature_names:
+            raise CropYieldError(
+                f"the model's feature_names {list(self.hparams.feature_names)[:6]} are not the data's encoded "
+                f"columns {list(encoding.feature_names)[:6]}: build the model with feature_names=dm.feature_names"
+            )
+        if self.encoding is not None and self.encoding != encoding.to_dict():
+            raise CropYieldError("the data's categorical levels differ from those this model was trained on")
+        self.encoding = encoding.to_dict()
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.standardize:

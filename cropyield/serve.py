@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cropyield.errors import CropYieldError
-from cropyield.inference import LinearPredictor, prediction_table, records, rows_tensor
+from cropyield.inference import LinearPredictor, encode_inputs, prediction_table, records, rows_tensor
 
 try:
     import fastapi
@@ -121,6 +121,8 @@ def model_inputs(model: LinearPredictor, rows) -> torch.Tensor:
     Raises:
         CropYieldError: naming the first bad row and feature (:func:`cropyield.inference.rows_tensor`).
     """
+    if getattr(model, "encoding", None):  # categorical columns: the raw columns, strings included
+        return encode_inputs(model, rows)
     return rows_tensor(rows, model.feature_names)
 
 

@@ -120,15 +120,37 @@ def _fixed_mmap_threshold() -> None:
 
 
 class StreamSource:
-    """The pieces of a data set and which of their rows train and which are held out."""
+    """The pieces of a data set and which of their rows train and which are held out.
+
+    Args:
+        pieces: the pieces, in order.
+        columns: the columns of the rows served: read from the files as they are by default.
+        val_fraction, seed: the held-out split.
+        dtype: of the training rows (float64: the exact solver's reads); evaluation rows are float32.
+        read: reads a piece, in a dtype, into its rows and the mask of those kept (None: all), when
+            the files' columns are not the rows' (categorical columns encoded, rows with a missing
+            cell dropped).
+        counts: the rows each piece serves for training and for validation, when ``read`` drops some.
+    """
 
     def __init__(
-        self, pieces: Sequence[Piece], columns: Sequence[str], val_fraction: float, seed: int, dtype=torch.float32
+        self,
+        pieces: Sequence[Piece],
+        columns: Sequence[str],
+        val_fraction: float,
+        seed: int,
+        dtype=torch.float32,
+        *,
+        read: Callable[[Piece, type], tuple[np.ndarray, np.ndarray | None]] | None = None,
+        counts: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> None:
         _fixed_mmap_threshold()
         self.pieces, self.columns = list(pieces), list(columns)
         self.dtype = np.float64 if dtype == torch.float64 else np.float32  # float64: the exact solver's reads
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction, self.seed, self._read = val_fraction, seed, read
+        if counts is not None:
+            self.train_counts, self.val_counts = list(counts[0]), list(counts[1])
+            return
         held = [int(held_out(p, seed, val_fraction).sum()) for p in self.pieces]
         self.train_counts = [p.rows - h for p, h in zip(self.pieces, held, strict=True)]
         self.val_counts = held if val_fraction > 0 else [p.rows for p in self.pieces]
@@ -136,11 +158,13 @@ class StreamSource:
     def read(self, index: int, part: str = "train") -> np.ndarray:
         """One piece's rows: ``train`` (not held out), ``val`` (held out; all rows when nothing is) or ``all``."""
         piece = self.pieces[index]
-        rows = read_piece(piece, self.columns, self.dtype if part == "train" else np.float32)
+        dtype = self.dtype if part == "train" else np.float32
+        rows, keep = (read_piece(piece, self.columns, dtype), None) if self._read is None else self._read(piece, dtype)
         if part == "all" or self.val_fraction <= 0:
-            return rows
+            return rows if keep is None else rows[keep]
         mask = held_out(piece, self.seed, self.val_fraction)
-        return rows[mask if part == "val" else ~mask]
+        mask = mask if part == "val" else ~mask
+        return rows[mask if keep is None else mask & keep]
 
     def statistics(self, num_features: int, rank: int = 0, world_size: int = 1) -> QRFactor:
         """The training rows' :class:`QRFactor` in one streaming pass; this process reads every

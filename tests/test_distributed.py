@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cropyield import FEATURE_NAMES, INPUTS, TARGET_NAMES, load_regressor
+from cropyield import FEATURE_NAMES, INPUTS, TARGET_NAMES, load_regressor, predict
 from cropyield.files import read_table
 
 from .conftest import run, write_csv
@@ -126,6 +126,57 @@ def test_streamed_folder_under_ddp_reads_disjoint_shares(tmp_path):
 
 
 @pytest.mark.slow
+def test_streamed_folder_one_file_per_crop_under_ddp_equals_statsmodels(tmp_path):
+    from .test_encoding import TARGET, make_crops, statsmodels_fit, write_crops
+
+    pd = pytest.importorskip("pandas")
+    crops = tmp_path / "yield.csv"
+    write_crops(make_crops(6000, areas=8, crops=4, missing=40, seed=5), crops)
+    reference, frame = statsmodels_fit(crops)
+    table = pd.read_csv(crops, keep_default_na=False, na_values=[""], dtype={"Year": "Int64"})
+    folder = tmp_path / "run" / "by_crop"
+    # One file per crop (a row whose crop is empty goes with the first): each process reads two crops.
+    for k, (_, part) in enumerate(table.groupby(table["Item"].fillna("Maize"))):
+        write_crops({c: [None if pd.isna(v) else v for v in part[c]] for c in part.columns}, folder / f"crop-{k}.csv")
+    args = ["--config", "exact.yaml", "--data.data_path", "by_crop", "--data.streaming", "true",
+            "--data.target_names", f"[{TARGET}]", "--data.missing", "drop", "--data.batch_size", "500"]  # fmt: skip
+    result, records, weights = ddp_fit(tmp_path / "run", *args, epochs=1)
+    # The encoded rows: 7 area columns, then the 3 crop columns (Maize, the reference, has none).
+    crops_seen = [{row[7:10].index(1.0) + 1 if 1.0 in row[7:10] else 0 for row in r["rows"]} for r in records]
+    assert all(len(seen) < 4 for seen in crops_seen)  # no process read every crop
+    for name in ("weight", "bias"):
+        assert torch.equal(weights[0][name], weights[1][name])
+    missing = frame.isna().sum()
+    assert result.stdout.count("dropped 40 of 6,000 rows with a missing value:") == 1
+    assert f"avg_temp {missing['avg_temp']}" in result.stdout or not missing["avg_temp"]
+    model = load_regressor(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    kept = frame.dropna()
+    raw = table.loc[kept.index].drop(columns=[TARGET])
+    raw["Year"] = raw["Year"].astype(int)
+    preds = predict(model, raw.to_dict("records"))[:, 0].double().numpy()
+    np.testing.assert_allclose(preds, reference.fittedvalues.to_numpy(), rtol=0, atol=1e-5 * kept["y"].abs().mean())
+
+
+@pytest.mark.slow
+def test_rows_dropped_for_a_missing_cell_are_counted_over_the_processes(tmp_path):
+    from .test_encoding import TARGET, make_crops, write_crops
+
+    columns = make_crops(3000, missing=30, seed=7)
+    columns = {k: v for k, v in columns.items() if k not in ("Area", "Item")}  # numbers only: no levels to learn
+    folder = tmp_path / "d"
+    for k in range(4):  # four files: each process reads two in the first pass
+        write_crops({c: v[k * 750 : (k + 1) * 750] for c, v in columns.items()}, folder / f"part-{k}.csv")
+    missing = {c: sum(v is None for v in values) for c, values in columns.items()}
+    dropped = sum(any(columns[c][i] is None for c in columns) for i in range(3000))
+    args = ["--data.data_path", "d", "--data.streaming", "true", "--data.target_names", f"[{TARGET}]",
+            "--data.missing", "drop", "--data.batch_size", "100", "--data.standardize", "true"]  # fmt: skip
+    result, records, _ = ddp_fit(tmp_path, *args, epochs=1)
+    per_column = ", ".join(f"{c} {n}" for c, n in missing.items() if n)
+    line = f"dropped {dropped} of 3,000 rows with a missing value: {per_column}"
+    assert result.stdout.count(line) == 1, result.stdout
+    assert sum(len(r["rows"]) for r in records) <= 3000 - dropped
+
+
 def test_streamed_sgd_under_ddp_ends_with_the_report_of_every_rows_optimum(tmp_path):
     """The closing report's statistics pass gathers across processes: every rank must enter it."""
     from .test_streaming import write_folder

@@ -380,3 +380,40 @@ def test_a_signal_answers_every_request_in_flight_then_stops_every_process(check
         assert "Traceback" not in server.log.read_text(), server.log.read_text()
     finally:
         server.kill()
+
+
+def test_decode_encodes_named_rows_with_strings_for_a_categorical_model():
+    encoding = {"columns": ["Item", "rain"], "levels": {"Item": ["Maize", "Potatoes", "Rice, paddy"]}}
+    model = LinearPredictor(
+        {"linear.weight": torch.ones(1, 3), "linear.bias": torch.zeros(1)},
+        {"feature_names": ["Item[T.Potatoes]", "Item[T.Rice, paddy]", "rain"], "target_names": ["y"],
+         "in_features": 3, "out_features": 1, "encoding": encoding},
+    )  # fmt: skip
+    rows, _ = decode(body([{"Item": "Rice, paddy", "rain": 2.5}, ["Maize", 1]]), JSON, model)
+    assert torch.equal(rows, torch.tensor([[0, 1, 2.5], [0, 0, 1]]))
+    with pytest.raises(BadRequest, match="row 1, column 'Item': level 'Oats' was not in the training data") as info:
+        decode(body([["Maize", 1], {"Item": "Oats", "rain": 1}]), JSON, model)
+    assert info.value.status == 400
+    with pytest.raises(BadRequest, match="row 0, column 'rain': missing value"):
+        decode(body([{"Item": "Maize", "rain": None}]), JSON, model)
+
+
+@pytest.mark.slow
+def test_a_model_with_categorical_columns_serves_named_rows_with_strings(tmp_path):
+    from .test_encoding import TARGET, make_crops, write_crops
+
+    write_crops(make_crops(600, areas=3, crops=3, seed=1), tmp_path / "yield.csv")
+    run("cropyield", "fit", "--config", "exact.yaml", "--data.data_path", "yield.csv", "--data.target_names",
+        f"[{TARGET}]", cwd=tmp_path)  # fmt: skip
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    row = {"Area": "Brazil", "Item": "Rice, paddy", "Year": 2001, "average_rain_fall_mm_per_year": 1100.5,
+           "pesticides_tonnes": 120.0, "avg_temp": 21.5}  # fmt: skip
+    printed = run("cropyield-predict", "--ckpt", checkpoint, *row.values(), "--json", cwd=tmp_path)
+    server = Server(checkpoint, tmp_path / "serve.log")
+    try:
+        expected = json.loads(printed.stdout) * 2
+        assert server.post({"rows": [row, list(row.values())]}) == (200, {"predictions": expected})
+        status, answer = server.post({"rows": [row, {**row, "Item": "Oats"}]})
+        assert status == 400 and "row 1, column 'Item': level 'Oats' was not in the training data" in answer["detail"]
+    finally:
+        server.stop()
