@@ -33,7 +33,7 @@ import pytest
 
 from cropyield.cli import cli_main
 
-from .conftest import BIN, write_csv
+from .conftest import BIN
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -118,8 +118,9 @@ def _free_port() -> int:
 
 
 def _workspace(folder: Path) -> None:
-    """The files the pages refer to: two new regions, and a small folder of crop files."""
-    write_csv(folder / "regions.csv", ("temp", "rainfall", "humidity"), [(75, 63, 44), (80, 70, 50)])
+    """The files the pages refer to: the two regions usage.md shows, a small folder of crop files, the scripts."""
+    (folder / "scripts").symlink_to(ROOT / "scripts")
+    (folder / "regions.csv").write_text('region,temp,rainfall,humidity\n"Nord, haut",75,63,44\nSud,80,70,50\n')
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "make_data.py"), "--rows", "20000", "--files", "2", "--out", "crops/"],
         cwd=folder,
