@@ -262,6 +262,20 @@ def encode_inputs(model: nn.Module, rows, dtype: torch.dtype = torch.float32) ->
     return torch.from_numpy(encoding.encode_rows(rows, dtype=np.float64 if dtype == torch.float64 else np.float32))
 
 
+def _inputs(model: nn.Module, rows, dtype: torch.dtype) -> torch.Tensor:
+    """The model's input tensor for ``rows``: raw rows encoded as training did, numbers as they are."""
+    try:
+        if _raw_rows(model, rows):
+            return encode_inputs(model, rows, dtype)
+        return torch.as_tensor(rows, dtype=dtype)
+    except (ValueError, TypeError, RuntimeError) as err:
+        if isinstance(err, CropYieldError):
+            raise
+        raise CropYieldError(
+            f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
+        ) from None
+
+
 def _raw_rows(model: nn.Module, rows) -> bool:
     """Whether rows need :func:`encode_inputs`: lists or dicts for a model with categorical columns,
     or dicts. A tensor or array holds the model's features already (encoded, as a data module serves them)."""
@@ -299,14 +313,7 @@ def predict(model: nn.Module, rows, interval: float | None = None, kind: str = "
     """
     if interval is not None:
         return _with_interval(model, rows, interval, kind)
-    try:
-        x = encode_inputs(model, rows) if _raw_rows(model, rows) else torch.as_tensor(rows, dtype=torch.float32)
-    except (ValueError, TypeError, RuntimeError) as err:
-        if isinstance(err, CropYieldError):
-            raise
-        raise CropYieldError(
-            f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
-        ) from None
+    x = _inputs(model, rows, torch.float32)
     if x.ndim == 1:
         x = x.unsqueeze(0)
     features = _names(model, "feature")
@@ -437,15 +444,7 @@ def _with_interval(model: nn.Module, rows, level: float, kind: str):
         raise CropYieldError(
             "prediction intervals need an exact least-squares fit (LeastSquaresRegressor, l2=0); this model has none"
         )
-    try:
-        raw = _raw_rows(model, rows)
-        x = encode_inputs(model, rows, torch.float64) if raw else torch.as_tensor(rows, dtype=torch.float64)
-    except (ValueError, TypeError, RuntimeError) as err:
-        if isinstance(err, CropYieldError):
-            raise
-        raise CropYieldError(
-            f"rows must be numbers in rows of equal length ({' '.join(str(err).split())[:120]})"
-        ) from None
+    x = _inputs(model, rows, torch.float64)
     predict(model, x)  # the same checks of the rows as without an interval
     return prediction_intervals(state, x.reshape(-1, x.shape[-1]) if x.ndim == 1 else x, level, kind)
 
