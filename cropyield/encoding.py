@@ -271,8 +271,10 @@ def rows_to_columns(rows, columns: Sequence[str], where: str = "row") -> dict[st
     names, values = list(columns), [[] for _ in columns]
     for i, row in enumerate(rows):
         if isinstance(row, Mapping):
-            if set(row) != set(names):
-                raise CropYieldError(f"{where} {i}: expected the keys {names}, got {sorted(map(str, row))}")
+            # Other keys (an id, a note) are ignored, as cropyield-predict --csv ignores other columns.
+            missing = [name for name in names if name not in row]
+            if missing:
+                raise CropYieldError(f"{where} {i}: missing {missing} (a row holds {names}; other keys are ignored)")
             row = [row[name] for name in names]
         if not isinstance(row, (list, tuple)) or len(row) != len(names):
             raise CropYieldError(f"{where} {i}: expected {len(names)} values ({', '.join(names)}), got {row!r:.80}")

@@ -396,6 +396,11 @@ def test_decode_encodes_named_rows_with_strings_for_a_categorical_model():
     assert info.value.status == 400
     with pytest.raises(BadRequest, match="row 0, column 'rain': missing value"):
         decode(body([{"Item": "Maize", "rain": None}]), JSON, model)
+    # One policy with the numeric models and cropyield-predict --csv: other keys are ignored, a missing one is named.
+    rows, _ = decode(body([{"region": "north", "Item": "Potatoes", "rain": 3.0}]), JSON, model)
+    assert torch.equal(rows, torch.tensor([[1, 0, 3.0]]))
+    with pytest.raises(BadRequest, match=r"row 0: missing \['rain'\]"):
+        decode(body([{"Item": "Maize", "rainfall": 1}]), JSON, model)
 
 
 @pytest.mark.slow
