@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cropyield import storage
 from cropyield.encoding import Coded, Column
 from cropyield.errors import CropYieldError
-from cropyield.files import Piece, _brief, _kind, _parquet_file, _pyarrow, read_columns
+from cropyield.files import Piece, _brief, _kind, _parquet_file, _pyarrow, _retried, read_columns
 
 _SNIFF_BYTES = 1 << 20
 
@@ -28,7 +29,6 @@ _SNIFF_BYTES = 1 << 20
 def text_columns(path: str | Path, columns: Sequence[str]) -> list[str]:
     """Which of ``columns`` hold text: Parquet by type; CSV by its first megabyte of rows, where
     most non-empty cells of a text column are not numbers (pyarrow also infers from a first block)."""
-    path = Path(path)
     if _kind(path) == "parquet":
         pa = _pyarrow()
         schema = _parquet_file(path).schema_arrow
@@ -36,8 +36,9 @@ def text_columns(path: str | Path, columns: Sequence[str]) -> list[str]:
     names = read_columns(path)
     positions = {c: names.index(c) for c in columns}
     words, cells = dict.fromkeys(columns, 0), dict.fromkeys(columns, 0)
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        lines = io.StringIO(f.read(_SNIFF_BYTES), newline="")
+    # The first megabyte, by one ranged read for a URL (a cut last character is replaced, its line skipped).
+    head = _retried(path, lambda: storage.read_range(path, 0, min(storage.size(path), _SNIFF_BYTES)))
+    lines = io.StringIO(head.decode("utf-8-sig", errors="replace"), newline="")
     reader = csv.reader(lines)
     next(reader, None)
     for row in reader:
@@ -80,7 +81,7 @@ def read_cells(
         CropYieldError: the file is unreadable, or a numeric column holds text (naming file, row, column).
     """
     piece = source if isinstance(source, Piece) else None
-    path = Path(piece.path if piece else source)
+    path = piece.path if piece else source
     first = piece.first_row if piece else 0
 
     def where(i: int) -> str:
@@ -140,13 +141,11 @@ def _text_key(value) -> str | None:
 def _csv_cells(path: Path, piece: Piece | None, numeric, text, where) -> dict[str, Column]:
     names = read_columns(path)
     try:
-        with open(path, "rb") as f:
-            if piece is None:
-                f.readline()  # the header: its names were read above
-                data = f.read()
-            else:
-                f.seek(piece.start)
-                data = f.read(piece.stop - piece.start)
+        if piece is None:
+            data = _retried(path, lambda: storage.read_range(path, 0, storage.size(path)))
+            data = data.split(b"\n", 1)[1] if b"\n" in data else b""  # the header: its names were read above
+        else:
+            data = _retried(path, lambda: storage.read_range(path, piece.start, piece.stop))
     except OSError as err:
         raise CropYieldError(f"{path}: cannot be read ({_brief(err)})") from None
     if data.startswith(b"\xef\xbb\xbf"):
