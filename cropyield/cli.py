@@ -41,7 +41,6 @@ from cropyield.arguments import (
     shipped_config,
 )
 from cropyield.callbacks import (
-    AtomicCheckpointIO,
     CropYieldCheckpoint,
     CSVPredictionWriter,
     LongWorkProgressBar,
@@ -49,6 +48,7 @@ from cropyield.callbacks import (
     RealSteps,
     interruption,
 )
+from cropyield.checkpoint_io import AtomicCheckpointIO
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, one_line_warnings
 from cropyield.inference import _spec, read_checkpoint

@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from cropyield import INPUTS, TARGETS, CropYieldDataModule, CropYieldRegressor, predict
-from cropyield.callbacks import AtomicCheckpointIO, ProgressReport
+from cropyield.callbacks import ProgressReport
+from cropyield.checkpoint_io import AtomicCheckpointIO
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, args)
 
 WRITER = """
 import sys, torch
-from cropyield.callbacks import AtomicCheckpointIO
+from cropyield.checkpoint_io import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 for i in range(10**6):
     io.save_checkpoint({"state_dict": {"w": torch.full((2_000_000,), float(i))}}, path)

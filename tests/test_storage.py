@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cropyield import load_regressor, storage
-from cropyield.callbacks import AtomicCheckpointIO
+from cropyield.checkpoint_io import AtomicCheckpointIO
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError
 from cropyield.files import data_files, list_pieces, read_columns, read_piece, read_table
