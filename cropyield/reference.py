@@ -14,6 +14,7 @@ weights, the feature statistics of ``standardize=True`` and the largest stable S
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,46 @@ _CHUNK = 2048  # rows per Householder QR of a block's batched factorization (fit
 _BLOCK = 1 << 17  # rows converted to float64 at a time
 _RANK_TOL = 1e-13  # singular values of the column-normalized design below this (relative) are zero
 _F64 = torch.float64
+
+
+class _OneIntraOpThread:
+    """Runs the accumulator's work on one intra-op thread, restoring the count after.
+
+    Its operations are small (a few hundred microseconds each): on this project's shared 2-core
+    machine two OpenMP threads measured 10-20x slower than one on them whenever another process
+    held a core (each operation waits at a barrier for a thread that is not running), and at best
+    a third faster when the machine was idle. Re-entrant and shared by threads (a count under a lock).
+    """
+
+    def __init__(self) -> None:
+        self.lock, self.depth, self.saved = threading.Lock(), 0, 1
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self.saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self.depth += 1
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                torch.set_num_threads(self.saved)
+
+
+_ONE_THREAD = _OneIntraOpThread()
+_WORKSPACES = threading.local()  # one float64 work buffer per thread, reused by every update
+
+
+def _workspace(rows: int, columns: int, device: torch.device) -> torch.Tensor:
+    """A float64 ``[rows, columns]`` work buffer, kept between updates (allocating and first
+    touching 6 MB for every batch of 131,072 rows measured a tenth of the update)."""
+    buffer = getattr(_WORKSPACES, "buffer", None)
+    if buffer is None or buffer.shape[0] != rows or buffer.shape[1] < columns or buffer.device != device:
+        buffer = torch.empty(rows, columns, dtype=_F64, device=device)
+        _WORKSPACES.buffer = buffer
+    return buffer[:, :columns]
 
 
 @dataclass  # not frozen: torchmetrics maps over the fields of what `compute` returns
@@ -86,42 +127,46 @@ class QRFactor:
             for parts in zip(*(block.split(_BLOCK) for block in blocks), strict=True):
                 factor = factor.update(*parts, center=center)
             return factor
+        with _ONE_THREAD:
+            return self._update(blocks, n, center)
+
+    def _update(self, blocks: tuple[torch.Tensor, ...], n: int, center: bool) -> QRFactor:
         p, width = self.num_features, len(self.shift)
         k = width + 1
-        columns = [block[:, j] for block in blocks for j in range(block.shape[1])]
+        size = min(n, _CHUNK)
+        chunks = -(-n // size)
+        # The rows as float64 columns [X, 1, Y] (the factor's order), row-major over the chunks:
+        # each chunk of `size` rows is a [size, k] matrix in LAPACK's column-major layout, and each
+        # step below is one operation over all the rows (the ones' shift 0 and scale 1 keep them 1).
+        work = _workspace(k, chunks * size, blocks[0].device)
+        rows = work[:, :n]
+        rows[p] = 1
+        column = 0
+        for block in blocks:  # converted and transposed in one pass
+            for lo, hi in ((column, min(column + block.shape[1], p)), (max(column, p), column + block.shape[1])):
+                if lo < hi:
+                    rows[lo + (lo >= p) : hi + (lo >= p)].copy_(block[:, lo - column : hi - column].T)
+            column += block.shape[1]
+        data = self.columns
+        extremes = torch.stack([rows.amin(1), rows.amax(1)])[:, data]  # the raw values', on the contiguous copy
+        low, high = torch.minimum(self.low, extremes[0]), torch.maximum(self.high, extremes[1])
         shift, scale = self.shift, self.scale
         if float(self.count) == 0:
-            first = torch.stack([c.to(_F64) for c in columns], dim=1)
+            # Summed down the rows of a row-major copy: summed in another order, the scale's last bit
+            # moved and Wampler5's digits with it (6.2 to 5.9; its bound is 6).
+            first = rows[data].T.contiguous()
             shift = first.mean(0) if center else torch.zeros_like(self.shift)
             if center:  # a column constant in the block is shifted to exactly 0 by its own value
-                shift = torch.where(first.amin(0) == first.amax(0), first[0], shift)
+                shift = torch.where(extremes[0] == extremes[1], first[0], shift)
             spread = (first - shift).square().mean(0).sqrt()
             scale = torch.where((spread > 0) & torch.isfinite(spread), spread, torch.ones_like(spread))
-        chunks, size = -(-n // _CHUNK), min(n, _CHUNK)
-        whole, rest = divmod(n, size)
-        # Column-major chunks ([chunks, k, size], seen transposed), as LAPACK wants them; the last
-        # chunk's unused rows stay zero, which adds nothing to the factor.
-        work = torch.zeros(chunks, k, size, dtype=_F64, device=blocks[0].device)
-        inverse = 1 / scale
-        extremes = torch.empty(2, width, dtype=_F64, device=work.device)
-        for i, c in enumerate(self.columns):
-            # The raw values' extremes are taken on the contiguous float64 copy: a column reduction
-            # of the row-major batch measured 4 ms of an 11 ms update of 131,072 rows.
-            parts = [work[:whole, c].copy_(columns[i][: whole * size].view(whole, size))]
-            if rest:
-                parts.append(work[whole, c, :rest].copy_(columns[i][whole * size :]))
-            extremes[0, i] = torch.cat([part.reshape(-1, part.shape[-1]).amin(1) for part in parts]).amin()
-            extremes[1, i] = torch.cat([part.reshape(-1, part.shape[-1]).amax(1) for part in parts]).amax()
-            for part in parts:
-                part.sub_(shift[i]).mul_(inverse[i])
-        low, high = torch.minimum(self.low, extremes[0]), torch.maximum(self.high, extremes[1])
-        work[:whole, p] = 1
-        if rest:
-            work[whole, p, :rest] = 1
-        view = work.transpose(1, 2)  # [chunks, size, k]
-        rs = torch.linalg.qr(view, mode="r").R  # [chunks, k, k]
-        stacked = torch.cat([self.r, rs.reshape(-1, k)])
-        r = torch.linalg.qr(stacked, mode="r").R
+        shift_k = torch.zeros(k, 1, dtype=_F64, device=work.device)
+        inverse_k = torch.ones_like(shift_k)
+        shift_k[data, 0], inverse_k[data, 0] = shift, 1 / scale
+        rows.sub_(shift_k).mul_(inverse_k)
+        work[:, n:] = 0  # the last chunk's unused rows add nothing to the factor
+        rs = torch.linalg.qr(work.view(k, chunks, size).permute(1, 2, 0), mode="r").R  # [chunks, k, k]
+        r = torch.linalg.qr(torch.cat([self.r, rs.reshape(-1, k)]), mode="r").R
         factor = QRFactor(p, self.count + n, shift, scale, r, low, high)
         before = int(self.count)
         if center and before and before.bit_length() < (before + n).bit_length():
