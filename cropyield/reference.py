@@ -25,7 +25,7 @@ _RANK_TOL = 1e-13  # singular values of the column-normalized design below this 
 _F64 = torch.float64
 
 
-class _OneIntraOpThread:
+class OneIntraOpThread:
     """Runs the accumulator's work on one intra-op thread, restoring the count after.
 
     Its operations are small (a few hundred microseconds each): on this project's shared 2-core
@@ -51,7 +51,7 @@ class _OneIntraOpThread:
                 torch.set_num_threads(self.saved)
 
 
-_ONE_THREAD = _OneIntraOpThread()
+ONE_INTRA_OP_THREAD = OneIntraOpThread()
 _WORKSPACES = threading.local()  # one float64 work buffer per thread, reused by every update
 
 
@@ -63,6 +63,14 @@ def _workspace(rows: int, columns: int, device: torch.device) -> torch.Tensor:
         buffer = torch.empty(rows, columns, dtype=_F64, device=device)
         _WORKSPACES.buffer = buffer
     return buffer[:, :columns]
+
+
+def _standardize_(rows: torch.Tensor, data: list[int], shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """``(z - shift) / scale`` in place on the rows ``data`` of ``rows``; the column of ones stays 1."""
+    shifts = torch.zeros(len(rows), 1, dtype=_F64, device=rows.device)
+    inverse = torch.ones_like(shifts)
+    shifts[data, 0], inverse[data, 0] = shift, 1 / scale
+    rows.sub_(shifts).mul_(inverse)
 
 
 @dataclass  # not frozen: torchmetrics maps over the fields of what `compute` returns
@@ -127,7 +135,7 @@ class QRFactor:
             for parts in zip(*(block.split(_BLOCK) for block in blocks), strict=True):
                 factor = factor.update(*parts, center=center)
             return factor
-        with _ONE_THREAD:
+        with ONE_INTRA_OP_THREAD:
             return self._update(blocks, n, center)
 
     def _update(self, blocks: tuple[torch.Tensor, ...], n: int, center: bool) -> QRFactor:
@@ -135,18 +143,11 @@ class QRFactor:
         k = width + 1
         size = min(n, _CHUNK)
         chunks = -(-n // size)
-        # The rows as float64 columns [X, 1, Y] (the factor's order), row-major over the chunks:
-        # each chunk of `size` rows is a [size, k] matrix in LAPACK's column-major layout, and each
-        # step below is one operation over all the rows (the ones' shift 0 and scale 1 keep them 1).
-        work = _workspace(k, chunks * size, blocks[0].device)
+        # The rows as float64 columns [X, 1, Y], row-major over the chunks: each chunk of `size`
+        # rows is a [size, k] matrix in LAPACK's column-major layout, and each step below is one
+        # operation over all the rows.
+        work = self._copied(blocks, chunks * size)
         rows = work[:, :n]
-        rows[p] = 1
-        column = 0
-        for block in blocks:  # converted and transposed in one pass
-            for lo, hi in ((column, min(column + block.shape[1], p)), (max(column, p), column + block.shape[1])):
-                if lo < hi:
-                    rows[lo + (lo >= p) : hi + (lo >= p)].copy_(block[:, lo - column : hi - column].T)
-            column += block.shape[1]
         data = self.columns
         extremes = torch.stack([rows.amin(1), rows.amax(1)])[:, data]  # the raw values', on the contiguous copy
         low, high = torch.minimum(self.low, extremes[0]), torch.maximum(self.high, extremes[1])
@@ -160,10 +161,7 @@ class QRFactor:
                 shift = torch.where(extremes[0] == extremes[1], first[0], shift)
             spread = (first - shift).square().mean(0).sqrt()
             scale = torch.where((spread > 0) & torch.isfinite(spread), spread, torch.ones_like(spread))
-        shift_k = torch.zeros(k, 1, dtype=_F64, device=work.device)
-        inverse_k = torch.ones_like(shift_k)
-        shift_k[data, 0], inverse_k[data, 0] = shift, 1 / scale
-        rows.sub_(shift_k).mul_(inverse_k)
+        _standardize_(rows, data, shift, scale)
         work[:, n:] = 0  # the last chunk's unused rows add nothing to the factor
         rs = torch.linalg.qr(work.view(k, chunks, size).permute(1, 2, 0), mode="r").R  # [chunks, k, k]
         r = torch.linalg.qr(torch.cat([self.r, rs.reshape(-1, k)]), mode="r").R
@@ -174,6 +172,31 @@ class QRFactor:
             # the rest (sorted data) would otherwise cost digits (Wampler5 in batches of 8: 5.7 -> 6.1).
             factor = factor.recentred()
         return factor
+
+    def _copied(self, blocks: tuple[torch.Tensor, ...], length: int) -> torch.Tensor:
+        """The work buffer ``[columns, length]`` with the blocks' rows (data columns from the first,
+        at least the features) in its first columns, as float64 factor columns ``[X, 1, Y]``."""
+        p, width = self.num_features, sum(block.shape[1] for block in blocks)
+        work = _workspace(len(self.shift) + 1, length, blocks[0].device)[: width + 1]
+        rows = work[:, : len(blocks[0])]
+        rows[p] = 1
+        column = 0
+        for block in blocks:  # converted and transposed in one pass
+            for lo, hi in ((column, min(column + block.shape[1], p)), (max(column, p), column + block.shape[1])):
+                if lo < hi:
+                    rows[lo + (lo >= p) : hi + (lo >= p)].copy_(block[:, lo - column : hi - column].T)
+            column += block.shape[1]
+        return work
+
+    def scaled_columns(self, *blocks: torch.Tensor, origin: bool = False) -> torch.Tensor:
+        """The blocks' rows (inputs, then optionally targets) as the factor's scaled columns,
+        ``[X̃ | 1 | Ỹ]`` transposed: ``[columns, rows]`` float64, a view of a buffer the next call
+        reuses. ``origin``: shifted by nothing (as :func:`solve` moves a fit through the origin)."""
+        rows = self._copied(blocks, len(blocks[0]))
+        data = self.columns[: rows.shape[0] - 1]
+        shift = torch.zeros_like(self.shift) if origin else self.shift
+        _standardize_(rows, data, shift[: len(data)].to(rows), self.scale[: len(data)].to(rows))
+        return rows
 
     def merge(self, other: QRFactor) -> QRFactor:
         """The factor of this table followed by ``other``'s (``other`` moved to this one's shift and scale)."""
@@ -400,14 +423,9 @@ def least_squares(
 
 def scaled_design(factor: QRFactor, x: torch.Tensor, fit_intercept: bool = True) -> torch.Tensor:
     """Rows of inputs as the columns of the scaled design the fit solved: ``[(x - shift) / scale | 1]``."""
-    p = factor.num_features
-    shift, scale = factor.shift[:p].to(x.device), factor.scale[:p].to(x.device)
-    if not fit_intercept:
-        shift = torch.zeros_like(shift)  # solve moved such a factor to the origin
-    scaled = (x.to(_F64) - shift) / scale
-    if fit_intercept:
-        scaled = torch.cat([scaled, torch.ones(len(x), 1, dtype=_F64, device=x.device)], dim=1)
-    return scaled
+    with ONE_INTRA_OP_THREAD:
+        columns = factor.scaled_columns(x, origin=not fit_intercept)  # solve moved such a factor to the origin
+        return columns[: factor.num_features + int(fit_intercept)].T.clone()
 
 
 def whitened(design: torch.Tensor, scaled_rows: torch.Tensor) -> torch.Tensor:
