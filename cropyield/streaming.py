@@ -159,7 +159,11 @@ class StreamSource:
         """One piece's rows: ``train`` (not held out), ``val`` (held out; all rows when nothing is) or ``all``."""
         piece = self.pieces[index]
         dtype = self.dtype if part == "train" else np.float32
-        rows, keep = (read_piece(piece, self.columns, dtype), None) if self._read is None else self._read(piece, dtype)
+        # The exact solver's float64 rows by columns: its factor and HC pass copy them as columns.
+        order = "F" if dtype == np.float64 else "C"
+        rows, keep = (
+            (read_piece(piece, self.columns, dtype, order), None) if self._read is None else self._read(piece, dtype)
+        )
         if part == "all" or self.val_fraction <= 0:
             return rows if keep is None else rows[keep]
         mask = held_out(piece, self.seed, self.val_fraction)
