@@ -25,7 +25,8 @@ from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor
-from cropyield.reference import QRFactor, max_stable_lr, solve
+from cropyield.reference import QRFactor
+from cropyield.solution import max_stable_lr, solve
 
 
 class ProgressReport(Callback):

@@ -1,8 +1,9 @@
 """The exact least-squares regressor: one Trainer pass into a QR factor, solved at its end, and the
 statistics of that fit (:meth:`LeastSquaresRegressor.summary`, prediction intervals).
 
-The linear algebra lives in :mod:`cropyield.reference` (the factor, the solve, leverages); the
-statistics' formulas in :mod:`cropyield.summary`; this module keeps the state and drives the passes.
+The linear algebra lives in :mod:`cropyield.reference` (the factor) and :mod:`cropyield.solution`
+(the solve, leverages); the statistics' formulas in :mod:`cropyield.summary`; this module keeps
+the state and drives the passes.
 """
 
 from __future__ import annotations
@@ -18,14 +19,8 @@ from typing_extensions import override
 
 from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.model import BaseRegressor
-from cropyield.reference import (
-    ONE_INTRA_OP_THREAD,
-    LeastSquares,
-    QRFactor,
-    float32_fit,
-    solve,
-    whitened,
-)
+from cropyield.reference import ONE_INTRA_OP_THREAD, QRFactor
+from cropyield.solution import LeastSquares, float32_fit, solve, whitened
 
 COV_TYPES = ("nonrobust", "HC0", "HC1", "HC2", "HC3")
 _FACTOR_FIELDS = ("count", "shift", "scale", "r", "low", "high")

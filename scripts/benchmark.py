@@ -191,7 +191,7 @@ def quality(rows: torch.Tensor, f: int, device, epochs: int = 3) -> tuple[float,
     import lightning as L
 
     from cropyield import CropYieldDataModule, CropYieldRegressor
-    from cropyield.reference import solve
+    from cropyield.solution import solve
 
     L.seed_everything(0, verbose=False)
     x, y = rows[:, :f].cpu(), rows[:, f:].cpu()
