@@ -27,10 +27,11 @@ _F64 = torch.float64
 class OneIntraOpThread:
     """Runs the accumulator's work on one intra-op thread, restoring the count after.
 
-    Its operations are small (a few hundred microseconds each): on this project's shared 2-core
-    machine two OpenMP threads measured 10-20x slower than one on them whenever another process
-    held a core (each operation waits at a barrier for a thread that is not running), and at best
-    a third faster when the machine was idle. Re-entrant and shared by threads (a count under a lock).
+    Its operations are small (0.2-2 ms each per batch): on this project's shared 2-core machine,
+    whenever another process held a core, two OpenMP threads made each one's median 10 to over 1,000
+    times slower (it waits at a barrier for a thread that is not running) and the whole accumulator
+    6-22 times; with both cores free they were at most twice as fast on the element-wise steps and no
+    faster on the QR. Re-entrant and shared by threads (a count under a lock).
     """
 
     def __init__(self) -> None:
