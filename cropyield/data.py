@@ -263,6 +263,21 @@ class CropYieldDataModule(L.LightningDataModule):
         return len(self.feature_names)
 
     @property
+    def model_feature_names(self) -> tuple[str, ...] | None:
+        """``feature_names`` as the CLI gives them to the model it builds: None while the levels of
+        streamed categorical columns are still to be learned. The model is then sized in ``setup``
+        (``in_features=None``), where under DDP each process reads only its share of the pieces and
+        the levels found are gathered; learning them now, before the processes connect, every
+        process would read every piece."""
+        return None if self._encoding is None and self.streaming else self.feature_names
+
+    @property
+    def model_num_features(self) -> int | None:
+        """``num_features`` as the CLI gives it to the model (see :attr:`model_feature_names`)."""
+        names = self.model_feature_names
+        return None if names is None else len(names)
+
+    @property
     def num_targets(self) -> int:
         return len(self.target_names)
 
@@ -412,9 +427,6 @@ class CropYieldDataModule(L.LightningDataModule):
         """float64 for a model that asks for it (the exact solver: every digit of the files), else float32."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         return getattr(model, "data_dtype", torch.float32)
-
-    def _source_name(self) -> str:
-        return self.data_path or ("the given tensors" if self._memory else "the embedded data")
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else torch.initial_seed() % 2**63

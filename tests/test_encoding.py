@@ -311,3 +311,17 @@ def test_a_categorical_fit_resumed_with_ckpt_path_last_equals_an_uninterrupted_r
     assert a.encoding == b.encoding and len(a.hparams.feature_names) == 3 + 2 + 4  # Area, Item dummies
     assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
     assert torch.equal(a.feature_mean, b.feature_mean) and torch.equal(a.feature_std, b.feature_std)
+
+
+def test_a_model_without_in_features_is_sized_by_the_streamed_data_in_setup(crops, tmp_path, quiet):
+    sized, dm, _ = exact_fit(tmp_path, quiet, data_path=str(crops), streaming=True)  # sized before the Trainer
+    lazy = LeastSquaresRegressor(in_features=None, out_features=1, target_names=[TARGET])
+    later = CropYieldDataModule(data_path=str(crops), target_names=[TARGET], missing="drop", batch_size=1000,
+                                streaming=True)  # fmt: skip
+    trainer = L.Trainer(max_epochs=1, **quiet)
+    trainer.fit(lazy, later)  # the levels learned in the data module's setup, the layer built in the model's
+    assert lazy.hparams.in_features == dm.num_features and lazy.hparams.feature_names == list(dm.feature_names)
+    assert torch.equal(lazy.linear.weight, sized.linear.weight) and torch.equal(lazy.linear.bias, sized.linear.bias)
+    trainer.save_checkpoint(tmp_path / "lazy.ckpt")
+    loaded = load_regressor(tmp_path / "lazy.ckpt")
+    assert loaded.encoding == sized.encoding and torch.equal(loaded.linear.weight, sized.linear.weight)
