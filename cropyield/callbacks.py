@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from cropyield.batches import Chunk, Chunks
+from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor
@@ -452,7 +453,10 @@ def _run_name(last: str, fs, files: list[str]) -> str:
 
 
 class CSVPredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` results to a CSV: the input columns plus one column per target.
+    """Writes ``predict`` results to a CSV: the raw input columns plus one column per target.
+
+    A categorical column is written as its level (``Potatoes``), as the input had it, not as the
+    model's 0/1 columns; a number as the shortest text of the value the model read.
 
     Args:
         output_path: the CSV to write. Default: ``<trainer.default_root_dir>/predictions.csv``.
@@ -487,12 +491,15 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # closed in on_predict_end
         self._writer = csv.writer(self._file)
-        self._writer.writerow([*pl_module.hparams.feature_names, *pl_module.hparams.target_names])
+        spec = getattr(pl_module, "encoding", None)
+        self._encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(pl_module.hparams.feature_names))
+        self._writer.writerow([*self._encoding.columns, *pl_module.hparams.target_names])
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self._writer.writerows(torch.cat([x.cpu(), prediction.cpu()], dim=1).tolist())
+        inputs = zip(*self._encoding.decode(x.cpu().numpy()), strict=True)
+        self._writer.writerows([*row, *p] for row, p in zip(inputs, prediction.cpu().tolist(), strict=True))
 
     @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
