@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from cropyield.batches import Chunk, Chunks
+from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor
@@ -357,29 +358,42 @@ class CropYieldCheckpoint(ModelCheckpoint):
 
     def keep_earlier_run(self) -> str | None:
         """Moves the checkpoints of an earlier run that this fit would replace (``last.ckpt``, the
-        best and step checkpoints) into ``<dirpath>/<that run's log version>/``; returns a line
-        saying where, or None when there were none. Called on rank 0 before a fresh fit's first write."""
-        if not self.dirpath or "://" in str(self.dirpath) or not os.path.isdir(self.dirpath):
+        best and step checkpoints) into ``<dirpath>/<that run's log version>/``, in a local folder
+        or on object storage alike; returns a line saying where, or None when there were none.
+        Called on rank 0 before a fresh fit's first write."""
+        if not self.dirpath:
             return None
-        folder = Path(self.dirpath)
+        import fsspec
+
+        fs, folder = fsspec.core.url_to_fs(str(self.dirpath))
+        fs.invalidate_cache(folder)  # a listing cached earlier in this process may be stale
+        if not fs.isdir(folder):
+            return None
         prefix = (self.filename or "epoch=").split("{", 1)[0]
         ours = sorted(
-            p
-            for p in folder.glob("*.ckpt")
-            if p.is_file() and (p.name.startswith(self.CHECKPOINT_NAME_LAST) or p.name.startswith(prefix))
+            entry["name"]
+            for entry in fs.ls(folder, detail=True)
+            if entry["type"] == "file"
+            and (name := entry["name"].rsplit("/", 1)[-1]).endswith(self.FILE_EXTENSION)
+            and name.startswith((self.CHECKPOINT_NAME_LAST, prefix))
         )
         if not ours:
             return None
-        name = _run_name(folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", ours)
-        target = folder / name
+        names = [path.rsplit("/", 1)[-1] for path in ours]
+        last = f"{str(self.dirpath).rstrip('/')}/{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        name = _run_name(last, fs, ours)
+        target = name
         for i in range(1, 1000):
-            if not target.exists():
+            if not fs.exists(f"{folder}/{target}"):
                 break
-            target = folder / f"{name}-{i}"
-        target.mkdir()
-        for path in ours:
-            os.replace(path, target / path.name)
-        return f"the earlier run's checkpoints ({', '.join(p.name for p in ours)}) are kept in {target}/"
+            target = f"{name}-{i}"
+        fs.makedirs(f"{folder}/{target}", exist_ok=True)
+        # A move each: a local rename, or a server-side copy then a delete (nothing lost if cut short).
+        for path, file in zip(ours, names, strict=True):
+            fs.mv(path, f"{folder}/{target}/{file}")
+        return (
+            f"the earlier run's checkpoints ({', '.join(names)}) are kept in {str(self.dirpath).rstrip('/')}/{target}/"
+        )
 
     def _stop_asked(self, trainer: L.Trainer) -> bool:
         if trainer.world_size < 2 or not torch.distributed.is_initialized():
@@ -478,22 +492,25 @@ def _await_started_ranks(trainer: L.Trainer) -> None:
             proc.wait(timeout=60)
 
 
-def _run_name(last: Path, files: list[Path]) -> str:
-    """The log version recorded in an earlier run's ``last.ckpt``, else its files' time."""
+def _run_name(last: str, fs, files: list[str]) -> str:
+    """The log version recorded in an earlier run's ``last.ckpt`` (a path or URL), else its files' time."""
     try:
-        states = read_checkpoint(last).get("callbacks", {}) if last.is_file() else {}
+        states = read_checkpoint(last).get("callbacks", {}) if fs.isfile(last) else {}
     except CropYieldError:
         states = {}
     for state in states.values() if isinstance(states, dict) else []:
         name = state.get("run_name") if isinstance(state, dict) else None
-        if isinstance(name, str) and name and os.sep not in name and not name.startswith("."):
+        if isinstance(name, str) and name and "/" not in name and os.sep not in name and not name.startswith("."):
             return name
-    newest = max(p.stat().st_mtime for p in files)
+    newest = max(fs.modified(path).timestamp() for path in files)
     return time.strftime("run-%Y%m%d-%H%M%S", time.localtime(newest))
 
 
 class CSVPredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` results to a CSV: the input columns plus one column per target.
+    """Writes ``predict`` results to a CSV: the raw input columns plus one column per target.
+
+    A categorical column is written as its level (``Potatoes``), as the input had it, not as the
+    model's 0/1 columns; a number as the shortest text of the value the model read.
 
     Args:
         output_path: the CSV to write. Default: ``<trainer.default_root_dir>/predictions.csv``.
@@ -528,12 +545,15 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # closed in on_predict_end
         self._writer = csv.writer(self._file)
-        self._writer.writerow([*pl_module.hparams.feature_names, *pl_module.hparams.target_names])
+        spec = getattr(pl_module, "encoding", None)
+        self._encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(pl_module.hparams.feature_names))
+        self._writer.writerow([*self._encoding.columns, *pl_module.hparams.target_names])
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self._writer.writerows(torch.cat([x.cpu(), prediction.cpu()], dim=1).tolist())
+        inputs = zip(*self._encoding.decode(x.cpu().numpy()), strict=True)
+        self._writer.writerows([*row, *p] for row, p in zip(inputs, prediction.cpu().tolist(), strict=True))
 
     @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from cropyield import storage
 from cropyield.encoding import Coded, Column
 from cropyield.errors import CropYieldError
-from cropyield.files import Piece, _brief, _kind, _parquet_file, _pyarrow, _retried, read_columns
+from cropyield.files import Piece, _arrow_csv, _brief, _kind, _parquet_file, _pyarrow, _retried, read_columns
 
 _SNIFF_BYTES = 1 << 20
 
@@ -153,10 +153,11 @@ def _csv_cells(path: Path, piece: Piece | None, numeric, text, where) -> dict[st
     pa = _pyarrow()
     if pa is not None:
         try:
-            table = pa.csv.read_csv(
-                pa.py_buffer(data),
-                read_options=pa.csv.ReadOptions(column_names=names, use_threads=True),
-                convert_options=pa.csv.ConvertOptions(
+            table = _arrow_csv(
+                pa,
+                data,
+                pa.csv.ReadOptions(column_names=names, use_threads=True),
+                pa.csv.ConvertOptions(
                     include_columns=[*numeric, *text],
                     column_types={**dict.fromkeys(numeric, pa.float64()), **dict.fromkeys(text, pa.string())},
                     null_values=[""],

@@ -243,6 +243,29 @@ class Encoding:
                 j += 1
         return out, keep, counts
 
+    def decode(self, x: np.ndarray) -> list[list[str]]:
+        """The raw input columns of encoded feature rows, as text: a categorical column's level
+        (all its 0/1 columns zero: the reference), a number as the shortest text that reads back
+        to the value in ``x``'s dtype (float32 ``85.3``, not ``85.30000305175781``).
+
+        Example:
+            >>> e = Encoding(("Item", "rain"), {"Item": ("Maize", "Potatoes", "Rice, paddy")})
+            >>> e.decode(e.encode_rows([["Rice, paddy", 2.5], ["Maize", 1]]))
+            [['Rice, paddy', 'Maize'], ['2.5', '1']]
+        """
+        columns, j = [], 0
+        for name in self.columns:
+            if name not in self.levels:
+                columns.append([np.format_float_positional(v, unique=True, trim="-") for v in x[:, j]])
+                j += 1
+                continue
+            k = len(self.levels[name]) - 1
+            dummies = x[:, j : j + k] != 0
+            index = np.where(dummies.any(axis=1), dummies.argmax(axis=1) + 1, 0) if k else np.zeros(len(x), int)
+            columns.append(np.asarray(self.levels[name], dtype=object)[index].tolist())
+            j += k
+        return columns
+
     def encode_rows(self, rows, where: str = "row", dtype=np.float32) -> np.ndarray:
         """Encodes request rows: lists of raw values in column order, or dicts keyed by column.
 

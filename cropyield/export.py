@@ -140,8 +140,8 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
 def _onnx_encoder(encoding: Encoding, helper, numpy_helper, TensorProto):
     """Graph inputs, one ``[rows, 1]`` tensor per raw column (strings for categorical ones), and
     the nodes that encode them into ``features``: ``ai.onnx.ml`` ``OneHotEncoder`` with ``zeros=0``,
-    so an unseen level fails the run instead of becoming the reference, then the reference
-    level's column sliced off."""
+    so an unseen level fails the run instead of becoming the reference (onnxruntime's error names
+    the node, which is named by its column), then the reference level's column sliced off."""
     inputs, nodes, initializers, parts = [], [], [], []
     for k, name in enumerate(encoding.columns):
         tensor = name  # the graph's inputs are the raw columns, by name
@@ -151,7 +151,8 @@ def _onnx_encoder(encoding: Encoding, helper, numpy_helper, TensorProto):
             continue
         levels = list(encoding.levels[name])
         inputs.append(helper.make_tensor_value_info(tensor, TensorProto.STRING, ["rows", 1]))
-        nodes.append(helper.make_node("OneHotEncoder", [tensor], [f"onehot_{k}"], domain="ai.onnx.ml",
+        # Named by its column: onnxruntime's error for an unseen level names the node, not the value.
+        nodes.append(helper.make_node("OneHotEncoder", [tensor], [f"onehot_{k}"], name=name, domain="ai.onnx.ml",
                                       cats_strings=levels, zeros=0))  # fmt: skip
         initializers += [
             numpy_helper.from_array(np.array([-1, len(levels)], dtype=np.int64), f"shape_{k}"),

@@ -186,16 +186,14 @@ def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]
             with memoryview(buffer) as view:
                 count = f.readinto(view[held:])
             end = held + count
-            cut = buffer.rfind(b"\n", 0, end) + 1 if count else end
+            cut = _record_end(buffer, end) if count else end
             if count and not cut:  # a line longer than the buffer
                 buffer.extend(bytes(len(buffer)))
                 held = end
                 continue
             if cut:
                 with memoryview(buffer) as view:
-                    table = pa.csv.read_csv(
-                        pa.py_buffer(view[:cut]), read_options=read_options, convert_options=convert
-                    )
+                    table = _arrow_csv(pa, view[:cut], read_options, convert)
                 for batch in table.to_batches():
                     block = out[rows : rows + batch.num_rows]
                     for j, name in enumerate(columns):
@@ -209,6 +207,33 @@ def _read_csv_arrow(pa, path: Path, names: Sequence[str], columns: Sequence[str]
                 return out
             buffer[: end - cut] = buffer[cut:end]
             held = end - cut
+
+
+def _record_end(data: bytes | bytearray, end: int) -> int:
+    """Where the last whole CSV record of ``data[:end]`` ends (after its newline), 0 if none: the
+    last newline outside quotes (``data`` starts outside them; a doubled quote leaves the count
+    even). A cut at a newline inside a quoted value would make its tail a row of its own."""
+    cut = data.rfind(b"\n", 0, end)
+    quotes = data.count(b'"', 0, cut) if cut >= 0 else 0
+    while quotes & 1:  # the newline is inside a quoted value: try the one before
+        before = data.rfind(b"\n", 0, cut)
+        if before < 0:
+            return 0
+        quotes -= data.count(b'"', before, cut)
+        cut = before
+    return cut + 1
+
+
+def _arrow_csv(pa, data, read_options, convert_options):
+    """pyarrow's parse of whole CSV records; a quoted value spanning lines (which its parallel
+    chunker refuses, else it is faster) is parsed again allowing them."""
+    try:
+        return pa.csv.read_csv(pa.py_buffer(data), read_options=read_options, convert_options=convert_options)
+    except pa.ArrowInvalid:
+        parse = pa.csv.ParseOptions(newlines_in_values=True)
+        return pa.csv.read_csv(
+            pa.py_buffer(data), read_options=read_options, convert_options=convert_options, parse_options=parse
+        )
 
 
 def _arrow_type(pa, dtype):
@@ -455,10 +480,11 @@ def read_piece(piece: Piece, columns: Sequence[str], dtype=np.float32) -> np.nda
     out = None
     if pa is not None:
         try:
-            table = pa.csv.read_csv(
-                pa.py_buffer(data),
-                read_options=pa.csv.ReadOptions(column_names=names, use_threads=True),
-                convert_options=pa.csv.ConvertOptions(
+            table = _arrow_csv(
+                pa,
+                data,
+                pa.csv.ReadOptions(column_names=names, use_threads=True),
+                pa.csv.ConvertOptions(
                     include_columns=list(columns), column_types=dict.fromkeys(columns, _arrow_type(pa, dtype))
                 ),
             )

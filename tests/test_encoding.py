@@ -198,8 +198,9 @@ def test_exports_take_raw_rows(crops, tmp_path, quiet):
     session = onnxruntime.InferenceSession(str(export_onnx(ckpt, tmp_path / "m.onnx")))
     feed = {c: rows[[c]].to_numpy().astype(object if c in ("Area", "Item") else np.float32) for c in rows.columns}
     np.testing.assert_allclose(session.run(None, feed)[0], expected, rtol=1e-5, atol=1e-2)
-    feed["Item"] = np.full((len(rows), 1), "Oats", dtype=object)
-    with pytest.raises(Exception, match="Unknown Category"):
+    feed["Item"] = rows[["Item"]].to_numpy().astype(object)
+    feed["Item"][7, 0] = "Oats"  # onnxruntime's own error: it names the node (the column), not the value or row
+    with pytest.raises(Exception, match=r"OneHotEncoder node\. Name:'Item' Status Message: Unknown Category"):
         session.run(None, feed)
 
 
@@ -258,7 +259,12 @@ def test_cli_predict_and_validate_from_a_checkpoint_use_its_levels(crops, tmp_pa
     few = table[table["Item"].isin(["Potatoes", "Wheat"])].head(40)  # two of the four crops: fewer levels
     few.to_csv(tmp_path / "few.csv", index=False)
     run("cropyield", "predict", "--ckpt_path", ckpt, "--data.data_path", "few.csv", cwd=tmp_path)
-    written = pd.read_csv(tmp_path / "predictions.csv")
+    written = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
+    inputs = [c for c in few.columns if c != TARGET]
+    assert list(written.columns) == [*inputs, TARGET]  # the raw columns, not Item[T.Potatoes] ...
+    assert written["Item"].tolist() == few["Item"].tolist() and written["Area"].tolist() == few["Area"].tolist()
+    for name in NUMERIC:  # the values the model read (float32), written so that they read back to them
+        assert written[name].to_numpy(np.float32).tolist() == few[name].to_numpy(np.float32).tolist(), name
     expected = predict(load_regressor(ckpt), few.drop(columns=[TARGET]).to_dict("records"))[:, 0].numpy()
     np.testing.assert_allclose(written[TARGET].to_numpy(), expected, rtol=1e-6)
     few.assign(Item="Oats").to_csv(tmp_path / "oats.csv", index=False)

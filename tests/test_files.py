@@ -146,3 +146,60 @@ def test_check_files_reads_columns_by_name_in_any_order(tmp_path):
         check_files(files[:2], COLUMNS, same_as=COLUMNS)
     with pytest.raises(CropYieldError, match=r"c\.csv: missing column\(s\) \['rainfall'\]"):
         check_files(files, COLUMNS)
+
+
+def quoted_rows(count: int) -> list[list[str]]:
+    """Numbers, quoted or not, beside an unused text column whose values hold commas, doubled quotes
+    and newlines; cut at its newline, ``q\n7,8,9,w`` reads as two whole rows (``7,8,9`` a made-up one)."""
+    notes = ["Rice, paddy", 'He said "hi", then left', "q\n7,8,9,w", "plain", "r\r\n7,8,9,w"]
+    return [[str(i), f"{i % 97 + 0.5}", str(2 * i), notes[i % len(notes)]] for i in range(count)]
+
+
+def write_quoted(path, rows, quoting) -> np.ndarray:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n", quoting=quoting).writerows([["x", "y", "z", "note"], *rows])
+    return np.array([[float(v) for v in r[:3]] for r in rows], dtype=np.float32)
+
+
+@pytest.mark.parametrize("quoting", ["minimal", "all"])
+def test_quoted_values_parse_on_every_numeric_reader_path(tmp_path, monkeypatch, quoting):
+    import csv
+
+    from cropyield import files
+    from cropyield.files import list_pieces, read_piece
+
+    path = tmp_path / "q.csv"
+    expected = write_quoted(path, quoted_rows(3000), csv.QUOTE_ALL if quoting == "all" else csv.QUOTE_MINIMAL)
+
+    def pieces(**kwargs) -> np.ndarray:
+        found = list_pieces(data_files(path), ["x", "y", "z"], **kwargs)
+        return np.concatenate([read_piece(p, ["x", "y", "z"]) for p in found])
+
+    assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)  # pyarrow, one buffer
+    assert np.array_equal(pieces(csv_block_bytes=700), expected)  # streamed blocks, cut between records
+    monkeypatch.setattr(files, "_BLOCK", 512)  # buffers cut mid-file: never inside a quoted value
+    assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)
+    monkeypatch.setattr(files, "_pyarrow", lambda: None)  # the standard library's reader
+    assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)
+    assert np.array_equal(pieces(csv_block_bytes=700), expected)
+
+
+def test_quoted_newlines_in_a_large_buffer_are_parsed_by_pyarrow(tmp_path, monkeypatch):
+    import csv
+
+    from cropyield import files
+
+    path = tmp_path / "q.csv"
+    expected = write_quoted(path, quoted_rows(120_000), csv.QUOTE_MINIMAL)  # 2.6 MB: pyarrow chunks it
+    pytest.importorskip("pyarrow")
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fell back to the standard library's reader")
+
+    monkeypatch.setattr(files, "_read_csv_stdlib", no_fallback)
+    monkeypatch.setattr(files, "_parse_csv_lines", no_fallback)
+    assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)
+    found = files.list_pieces(data_files(path), ["x", "y", "z"], csv_block_bytes=2 << 20)
+    assert np.array_equal(np.concatenate([files.read_piece(p, ["x", "y", "z"]) for p in found]), expected)

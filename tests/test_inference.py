@@ -18,7 +18,8 @@ from cropyield import (
     predict,
 )
 from cropyield.callbacks import CSVPredictionWriter
-from cropyield.inference import LinearPredictor, main, read_checkpoint
+from cropyield.inference import LinearPredictor, read_checkpoint
+from cropyield.predict_cli import main
 
 from .conftest import assert_one_line_error, run
 

@@ -36,7 +36,7 @@ from cropyield import load_regressor, predict
 from cropyield.cli import cli_main
 from cropyield.export import JsonPredictor
 from cropyield.export import main as export_main
-from cropyield.inference import main as predict_main
+from cropyield.predict_cli import main as predict_main
 
 from .conftest import BIN, run
 
