@@ -260,7 +260,8 @@ def main() -> None:
             raise
         name = signal.Signals(stopped["signum"]).name
         saved = f"saved {stopped['path']} at step {stopped['step']}" if stopped["path"] else "nothing to save yet"
-        print(f"cropyield: stopped by {name}: {saved}; resume with --ckpt_path last", file=sys.stderr)
+        if not stopped.get("rank"):  # one line for the run, from rank 0 under DDP
+            print(f"cropyield: stopped by {name}: {saved}; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + stopped["signum"])
     except argparse.ArgumentError as err:  # jsonargparse's, for a value of the wrong type or an unknown flag
         _fail(one_line(str(err)))
