@@ -10,9 +10,9 @@ Which path serves the rows:
 - the exact solver (a model with ``exact_pass``): every training row once, in order.
 
 The first two are a :class:`~cropyield.sources.TableSource`, streaming a
-:class:`~cropyield.sources.StreamedSource`: the module builds one per stage and calls it once per
-hook. Categorical columns are encoded and rows with a missing cell dropped before the rows reach
-a source (:mod:`cropyield.encoding`).
+:class:`~cropyield.sources.StreamedSource`: the module has :class:`~cropyield.reader.RowReader`
+build one per stage and calls it once per hook. Categorical columns are encoded and rows with a
+missing cell dropped before the rows reach a source (:mod:`cropyield.encoding`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from cropyield.cells import text_columns
 from cropyield.encoding import DEFAULT_MAX_LEVELS, MISSING_CHOICES, Encoding
 from cropyield.errors import CropYieldError
 from cropyield.files import check_columns, check_files, data_files, read_columns
+from cropyield.reader import Layout, RowReader
 from cropyield.reference import QRFactor
-from cropyield.sources import Layout, LoaderOptions, RowReader, RowSource, TableSource
+from cropyield.sources import LoaderOptions, RowSource, TableSource
 from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's

@@ -7,14 +7,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-import cropyield.sources
+import cropyield.reader
 from cropyield.batches import Chunk
 
 # The files this process reads cells of (text columns, missing cells) through the data module's
 # first pass: the wrapper is in place from this module's import, when the command parses its
 # arguments, before it builds the data module and the model.
 READ: list[str] = []
-_read_cells = cropyield.sources.read_cells
+_read_cells = cropyield.reader.read_cells
 
 
 def _recorded(piece, *args, **kwargs):
@@ -22,7 +22,7 @@ def _recorded(piece, *args, **kwargs):
     return _read_cells(piece, *args, **kwargs)
 
 
-cropyield.sources.read_cells = _recorded
+cropyield.reader.read_cells = _recorded
 
 
 class RecordRank(L.Callback):
