@@ -10,9 +10,9 @@ Which path serves the rows:
 - the exact solver (a model with ``exact_pass``): every training row once, in order.
 
 The first two are a :class:`~cropyield.sources.TableSource`, streaming a
-:class:`~cropyield.sources.StreamedSource`: the module builds one per stage and calls it once per
-hook. Categorical columns are encoded and rows with a missing cell dropped before the rows reach
-a source (:mod:`cropyield.encoding`).
+:class:`~cropyield.sources.StreamedSource`: the module has :class:`~cropyield.reader.RowReader`
+build one per stage and calls it once per hook. Categorical columns are encoded and rows with a
+missing cell dropped before the rows reach a source (:mod:`cropyield.encoding`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from cropyield.cells import text_columns
 from cropyield.encoding import DEFAULT_MAX_LEVELS, MISSING_CHOICES, Encoding
 from cropyield.errors import CropYieldError
 from cropyield.files import check_columns, check_files, data_files, read_columns
+from cropyield.reader import Layout, RowReader
 from cropyield.reference import QRFactor
-from cropyield.sources import Layout, LoaderOptions, RowReader, RowSource, TableSource
+from cropyield.sources import LoaderOptions, RowSource, TableSource
 from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
@@ -271,6 +272,21 @@ class CropYieldDataModule(L.LightningDataModule):
         return len(self.feature_names)
 
     @property
+    def model_feature_names(self) -> tuple[str, ...] | None:
+        """``feature_names`` as the CLI gives them to the model it builds: None while the levels of
+        streamed categorical columns are still to be learned. The model is then sized in ``setup``
+        (``in_features=None``), where under DDP each process reads only its share of the pieces and
+        the levels found are gathered; learning them now, before the processes connect, every
+        process would read every piece."""
+        return None if self._encoding is None and self.streaming else self.feature_names
+
+    @property
+    def model_num_features(self) -> int | None:
+        """``num_features`` as the CLI gives it to the model (see :attr:`model_feature_names`)."""
+        names = self.model_feature_names
+        return None if names is None else len(names)
+
+    @property
     def num_targets(self) -> int:
         return len(self.target_names)
 
@@ -427,9 +443,6 @@ class CropYieldDataModule(L.LightningDataModule):
         """float64 for a model that asks for it (the exact solver: every digit of the files), else float32."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         return getattr(model, "data_dtype", torch.float32)
-
-    def _source_name(self) -> str:
-        return self.data_path or ("the given tensors" if self._memory else "the embedded data")
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else torch.initial_seed() % 2**63
