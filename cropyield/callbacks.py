@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,8 @@ class _DelayedTqdm(Tqdm):
 
 class RealSteps(Callback):
     """Makes the step that loggers record (``metrics.csv``'s ``step``) count optimizer steps, as
-    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches."""
+    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches. The
+    package's regressors add it themselves (``configure_callbacks``), with any Trainer."""
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -301,9 +303,17 @@ class CropYieldCheckpoint(ModelCheckpoint):
     _previous_sigint = None
     _stop_at_epoch_end = False
 
+    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
+    resuming = False  # set by the CLI for a fit given --ckpt_path
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if self.keep_earlier or self.resuming:
+                # Lightning's warning that dirpath holds files (this run may replace them): here an
+                # earlier run's are moved aside first, and a resumed run writes beside its own.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         self._signum, self._stop_at_epoch_end, self._pending = None, False, 0
         _interruption.clear()
         version = getattr(trainer.logger, "version", None)
@@ -339,8 +349,6 @@ class CropYieldCheckpoint(ModelCheckpoint):
             self._previous_sigint = None
         vars(trainer._signal_connector).pop("_sigterm_notifier_fn", None)
         super().teardown(trainer, pl_module, stage)
-
-    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -174,7 +174,14 @@ class CropYieldDataModule(L.LightningDataModule):
         else:
             source, columns = "the embedded data", (*FEATURE_NAMES, *TARGET_NAMES)
         self.target_names = tuple(target_names) if target_names is not None else TARGET_NAMES
-        check_columns(source, self.target_names, columns)
+        # Prediction needs no targets: a file with none of them is refused by the other stages' setup.
+        self._no_targets: CropYieldError | None = None
+        try:
+            check_columns(source, self.target_names, columns)
+        except CropYieldError as err:
+            if any(t in columns for t in self.target_names):
+                raise
+            self._no_targets = err
         inferred = feature_names is None
         if feature_names is None:
             feature_names = [c for c in columns if c not in self.target_names]
@@ -186,7 +193,8 @@ class CropYieldDataModule(L.LightningDataModule):
         if not self.input_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
         if self.data_path is not None:  # a folder's files: columns by name, in any order
-            check_files(self._files, [*self.input_names, *self.target_names], columns if inferred else None)
+            targets = self.target_names if self._no_targets is None else ()
+            check_files(self._files, [*self.input_names, *targets], columns if inferred else None)
         given = {str(c): tuple(str(v) for v in values) for c, values in (levels or {}).items()}
         if categorical_names is None:
             categorical_names = text_columns(self._files[0], self.input_names) if self.data_path else ()
@@ -299,6 +307,7 @@ class CropYieldDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "predict":
             return  # built by predict_dataloader: a checkpoint given to the Trainer is restored by then
+        self.check_targets()
         if self._source is not None:
             return
         if self._encoding is None:  # here every process is present: each reads its share of the pieces
@@ -314,6 +323,12 @@ class CropYieldDataModule(L.LightningDataModule):
             numeric = torch.from_numpy(self.encoding.numeric)
             self.feature_mean = torch.where(numeric, mean, 0).float()
             self.feature_std = torch.where(numeric, std, 1).float()
+
+    def check_targets(self) -> None:
+        """Raises the one-line error naming the target columns the data lacks: every stage but
+        ``predict`` needs them (its ``setup`` checks; the CLI checks before building a Trainer)."""
+        if self._no_targets is not None:
+            raise self._no_targets
 
     def statistics(self) -> QRFactor:
         """The float64 QR factor of the training rows ``[features | 1 | targets]``, computed once:

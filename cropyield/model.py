@@ -125,6 +125,13 @@ class BaseRegressor(L.LightningModule):
             self.hparams.units = getattr(self.trainer.datamodule, "units", None)
 
     @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The logged step counts optimizer steps under chunked training too, with any Trainer.
+        from cropyield.callbacks import RealSteps  # callbacks imports this module
+
+        return [RealSteps()]
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         for name, tensor in checkpoint["state_dict"].items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -491,8 +498,6 @@ def _quiet_lightning() -> None:
         "ignore",
         message=r"The number of training batches \(\d+\) is smaller than the logging",
     )
-    # Runs share checkpoints/ by design: last.ckpt is replaced, best checkpoints are named by epoch.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Step checkpoints of the manual variants hold the weights after the step, as the automatic
     # variant's do; the exact solver's "step" changes no weight.
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train")
