@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +219,8 @@ class _DelayedTqdm(Tqdm):
 
 class RealSteps(Callback):
     """Makes the step that loggers record (``metrics.csv``'s ``step``) count optimizer steps, as
-    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches."""
+    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches. The
+    package's regressors add it themselves (``configure_callbacks``), with any Trainer."""
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -270,7 +274,8 @@ _interruption: dict[str, Any] = {}  # the signal that stopped the last fit, and 
 
 
 def interruption() -> dict[str, Any]:
-    """The signal that stopped the last fit in this process (``signum``, ``path`` saved, ``step``), or {}."""
+    """The signal that stopped the last fit in this process (``signum``, ``path`` saved, ``step``, the
+    process's ``rank``), or {}."""
     return dict(_interruption)
 
 
@@ -288,39 +293,63 @@ class CropYieldCheckpoint(ModelCheckpoint):
     ``last.ckpt`` is then written as a step checkpoint would be, resumable with ``--ckpt_path last``,
     and the fit stops with :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException`
     (``cropyield`` then exits with 128 + the signal's number); a training loader that cannot save its
-    position (a plain ``DataLoader``) stops at the end of its epoch instead. Under DDP the ranks agree on stopping
-    at the same step (one small all-reduce per ``training_step`` call). A second signal while the
-    checkpoint is written changes nothing: the write is atomic and not interrupted.
+    position (a plain ``DataLoader``) stops at the end of its epoch instead. Under DDP a signal is
+    only noted where it lands, and the ranks agree on stopping at the same step (one small all-reduce
+    per ``training_step`` call), then all save and stop there. A second signal while the checkpoint
+    is written changes nothing: the write is atomic and not interrupted.
     """
 
     _signum: int | None = None
+    _pending = 0  # under DDP: the signal noted since the ranks last agreed (0: none)
     _previous_sigint = None
     _stop_at_epoch_end = False
 
+    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
+    resuming = False  # set by the CLI for a fit given --ckpt_path
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._signum, self._stop_at_epoch_end = None, False
+        with warnings.catch_warnings():
+            if self.keep_earlier or self.resuming:
+                # Lightning's warning that dirpath holds files (this run may replace them): here an
+                # earlier run's are moved aside first, and a resumed run writes beside its own.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        self._signum, self._stop_at_epoch_end, self._pending = None, False, 0
         _interruption.clear()
         version = getattr(trainer.logger, "version", None)
         self._run_name = f"version_{version}" if isinstance(version, int) else (version or None)
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             connector = trainer._signal_connector
+            distributed = trainer.world_size > 1
 
-            def on_sigint(signum, frame) -> None:
+            def on_signal(signum, frame) -> None:
                 self._signum = self._signum or signum
-                connector.received_sigterm = True  # Lightning's loops then stop as on SIGTERM
+                if distributed:
+                    self._pending = self._pending or signum  # agreed on at the step's end: _stop_asked
+                else:
+                    connector.received_sigterm = True  # Lightning's loops then stop as on SIGTERM
 
-            self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+            def on_sigterm(signum, frame) -> None:
+                if not (self._pending or connector.received_sigterm) and trainer.strategy.launcher is not None:
+                    trainer.strategy.launcher.kill(signum)  # Lightning's: on to the processes it started
+                on_signal(signum, frame)
+
+            self._previous_sigint = signal.signal(signal.SIGINT, on_signal)
+            if distributed:
+                # Lightning's own SIGTERM handler runs a broadcast inside the handler, wherever the
+                # signal lands on each rank: matched against another rank's gradient all-reduce it
+                # hung a 2-process fit until the process group's timeout. Used from the Trainer's
+                # handler registration, which comes after this hook.
+                connector._sigterm_notifier_fn = on_sigterm
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+        vars(trainer._signal_connector).pop("_sigterm_notifier_fn", None)
         super().teardown(trainer, pl_module, stage)
-
-    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -338,43 +367,62 @@ class CropYieldCheckpoint(ModelCheckpoint):
 
     def keep_earlier_run(self) -> str | None:
         """Moves the checkpoints of an earlier run that this fit would replace (``last.ckpt``, the
-        best and step checkpoints) into ``<dirpath>/<that run's log version>/``; returns a line
-        saying where, or None when there were none. Called on rank 0 before a fresh fit's first write."""
-        if not self.dirpath or "://" in str(self.dirpath) or not os.path.isdir(self.dirpath):
+        best and step checkpoints) into ``<dirpath>/<that run's log version>/``, in a local folder
+        or on object storage alike; returns a line saying where, or None when there were none.
+        Called on rank 0 before a fresh fit's first write."""
+        if not self.dirpath:
             return None
-        folder = Path(self.dirpath)
+        import fsspec
+
+        fs, folder = fsspec.core.url_to_fs(str(self.dirpath))
+        fs.invalidate_cache(folder)  # a listing cached earlier in this process may be stale
+        if not fs.isdir(folder):
+            return None
         prefix = (self.filename or "epoch=").split("{", 1)[0]
         ours = sorted(
-            p
-            for p in folder.glob("*.ckpt")
-            if p.is_file() and (p.name.startswith(self.CHECKPOINT_NAME_LAST) or p.name.startswith(prefix))
+            entry["name"]
+            for entry in fs.ls(folder, detail=True)
+            if entry["type"] == "file"
+            and (name := entry["name"].rsplit("/", 1)[-1]).endswith(self.FILE_EXTENSION)
+            and name.startswith((self.CHECKPOINT_NAME_LAST, prefix))
         )
         if not ours:
             return None
-        name = _run_name(folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", ours)
-        target = folder / name
+        names = [path.rsplit("/", 1)[-1] for path in ours]
+        last = f"{str(self.dirpath).rstrip('/')}/{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        name = _run_name(last, fs, ours)
+        target = name
         for i in range(1, 1000):
-            if not target.exists():
+            if not fs.exists(f"{folder}/{target}"):
                 break
-            target = folder / f"{name}-{i}"
-        target.mkdir()
-        for path in ours:
-            os.replace(path, target / path.name)
-        return f"the earlier run's checkpoints ({', '.join(p.name for p in ours)}) are kept in {target}/"
+            target = f"{name}-{i}"
+        fs.makedirs(f"{folder}/{target}", exist_ok=True)
+        # A move each: a local rename, or a server-side copy then a delete (nothing lost if cut short).
+        for path, file in zip(ours, names, strict=True):
+            fs.mv(path, f"{folder}/{target}/{file}")
+        return (
+            f"the earlier run's checkpoints ({', '.join(names)}) are kept in {str(self.dirpath).rstrip('/')}/{target}/"
+        )
 
     def _stop_asked(self, trainer: L.Trainer) -> bool:
-        asked = bool(trainer.received_sigterm)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            flag = torch.tensor([int(asked)], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            asked = bool(flag.item())
-        return asked
+        if trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return bool(trainer.received_sigterm)
+        # Every rank here, at the same step: the signal noted on any rank stops them all (the
+        # larger number when two differ, so that every rank exits with the same status).
+        flag = torch.tensor([self._pending], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        agreed = int(flag.item())
+        if agreed:
+            self._signum, self._pending = agreed, 0
+        return bool(agreed) or bool(trainer.received_sigterm)
 
     def _save_on_signal(self, trainer: L.Trainer) -> None:
         signum = self._signum or signal.SIGTERM
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        _interruption.update(signum=int(signum), path=self.last_model_path, step=trainer.global_step)
+        _interruption.update(
+            signum=int(signum), path=self.last_model_path, step=trainer.global_step, rank=trainer.global_rank
+        )
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -412,12 +460,20 @@ class CropYieldCheckpoint(ModelCheckpoint):
         # epoch boundary's or a validation's, which Lightning resumes from too.
         if isinstance(exception, KeyboardInterrupt):
             self._signum = self._signum or signal.SIGINT
-        elif not isinstance(exception, SIGTERMException) or _interruption:
+        elif not isinstance(exception, SIGTERMException):
             return
-        if trainer.state.fn == "fit" and trainer.global_step > 0:
+        if _interruption:
+            pass  # saved where the ranks agreed to stop
+        elif trainer.state.fn == "fit" and trainer.global_step > 0:
             self._save_on_signal(trainer)
         else:
-            _interruption.update(signum=int(self._signum or signal.SIGTERM), path=None, step=trainer.global_step)
+            _interruption.update(
+                signum=int(self._signum or signal.SIGTERM),
+                path=None,
+                step=trainer.global_step,
+                rank=trainer.global_rank,
+            )
+        _await_started_ranks(trainer)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -426,17 +482,36 @@ class CropYieldCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-def _run_name(last: Path, files: list[Path]) -> str:
-    """The log version recorded in an earlier run's ``last.ckpt``, else its files' time."""
+def _await_started_ranks(trainer: L.Trainer) -> None:
+    """On the process that launched the other DDP ranks (Lightning's subprocess launcher), stopped by
+    a signal: waits for them to save and exit, so that its exit status is the whole run's.
+
+    Lightning's observer thread SIGKILLs the launcher as soon as a rank it started exits with a
+    non-zero status, which every rank stopped by a signal does (128 + N): it is disarmed first."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    procs = getattr(trainer.strategy.launcher, "procs", None)
+    if not procs:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._termination_signal = 0  # signal 0 only checks that a process exists
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+
+
+def _run_name(last: str, fs, files: list[str]) -> str:
+    """The log version recorded in an earlier run's ``last.ckpt`` (a path or URL), else its files' time."""
     try:
-        states = read_checkpoint(last).get("callbacks", {}) if last.is_file() else {}
+        states = read_checkpoint(last).get("callbacks", {}) if fs.isfile(last) else {}
     except CropYieldError:
         states = {}
     for state in states.values() if isinstance(states, dict) else []:
         name = state.get("run_name") if isinstance(state, dict) else None
-        if isinstance(name, str) and name and os.sep not in name and not name.startswith("."):
+        if isinstance(name, str) and name and "/" not in name and os.sep not in name and not name.startswith("."):
             return name
-    newest = max(p.stat().st_mtime for p in files)
+    newest = max(fs.modified(path).timestamp() for path in files)
     return time.strftime("run-%Y%m%d-%H%M%S", time.localtime(newest))
 
 
@@ -479,8 +554,13 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # closed in on_predict_end
         self._writer = csv.writer(self._file)
-        spec = getattr(pl_module, "encoding", None)
-        self._encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(pl_module.hparams.feature_names))
+        spec, names = getattr(pl_module, "encoding", None), tuple(pl_module.hparams.feature_names)
+        # The model's encoding (a checkpoint's), else the data's when the model reads its columns (a
+        # model not trained yet), else the model's columns as they are.
+        encoding = Encoding.from_dict(spec) if spec else getattr(trainer.datamodule, "encoding", None)
+        self._encoding = (
+            encoding if isinstance(encoding, Encoding) and encoding.feature_names == names else Encoding(names)
+        )
         self._writer.writerow([*self._encoding.columns, *pl_module.hparams.target_names])
 
     @override

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -73,22 +72,15 @@ def _save_to_url(checkpoint: dict[str, Any], url: str) -> None:
     payload = buffer.getvalue()
     fs, key = fsspec.core.url_to_fs(url)
     _quiet_abandoned_requests()
-    deadline, pause = time.monotonic() + storage.retry_seconds(), 0.25
-    while True:
-        try:
-            _upload(fs, key, payload, url)
-            return
-        except (CropYieldError, PermissionError, FileNotFoundError):
-            raise
-        except Exception as err:  # s3fs and botocore raise their own types for a store out of reach
-            if time.monotonic() + pause > deadline:
-                detail = " ".join(str(err).split())[:160] or type(err).__name__
-                raise CropYieldError(
-                    f"{url}: cannot save the checkpoint ({detail}); retried for {storage.retry_seconds():g} s, "
-                    "the previous one is kept"
-                ) from None
-        time.sleep(pause)
-        pause = min(4.0, 2 * pause)
+    storage.retried(
+        url,
+        lambda: _upload(fs, key, payload, url),
+        # s3fs and botocore raise their own types for a store out of reach; a bad upload, a denied
+        # write or a missing bucket are not the network's
+        retry_if=lambda err: not isinstance(err, (CropYieldError, PermissionError, FileNotFoundError)),
+        failure="cannot save the checkpoint",
+        kept=", the previous one is kept",
+    )
 
 
 def _quiet_abandoned_requests() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from cropyield import storage
 from cropyield.errors import CropYieldError
 from cropyield.inference import LinearPredictor, encode_inputs, prediction_table, records, rows_tensor
 
@@ -241,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.workers == 1:
         uvicorn.run(app, **options)
     else:
-        os.environ[_CKPT_ENV], os.environ[_MAX_ROWS_ENV] = str(Path(args.ckpt).resolve()), str(args.max_rows)
+        # A URL as it is (Path would fold s3://b/k into s3:/b/k), a local path made absolute.
+        ckpt = args.ckpt if storage.is_url(args.ckpt) else str(Path(args.ckpt).resolve())
+        os.environ[_CKPT_ENV], os.environ[_MAX_ROWS_ENV] = ckpt, str(args.max_rows)
         # A worker answers uvicorn's health check only once it has imported torch, which can take
         # longer than uvicorn's 5 s on a loaded machine: uvicorn would kill and restart it.
         options["timeout_worker_healthcheck"] = 60

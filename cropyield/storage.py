@@ -9,10 +9,11 @@ endpoint come from each system's standard configuration (for S3: ``AWS_ACCESS_KE
 
 Transient errors (a dropped connection, a server briefly unreachable) are retried: by pyarrow's AWS
 retry strategy per request, and around each whole read (a header, a piece, a file) by
-:func:`retried`, with growing pauses, for up to ``CROPYIELD_RETRY_SECONDS`` seconds (default 60). A
-lasting one is a one-line :class:`~cropyield.errors.CropYieldError` naming the URL. The plain
-operations (:func:`open_binary`, :func:`size`, :func:`read_range`) raise the OSError as it is, so a
-caller retries its whole read, not one request inside it.
+:func:`retried`, with growing pauses, for up to ``CROPYIELD_RETRY_SECONDS`` seconds (default 60);
+checkpoint uploads (:mod:`cropyield.checkpoint_io`) go through the same loop. A lasting one is a
+one-line :class:`~cropyield.errors.CropYieldError` naming the URL. The plain operations
+(:func:`open_binary`, :func:`size`, :func:`read_range`) raise the OSError as it is, so a caller
+retries its whole read, not one request inside it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def name(path: str | Path) -> str:
 
 
 def retry_seconds() -> float:
-    """How long a failing read of a URL is retried before it is reported (``CROPYIELD_RETRY_SECONDS``)."""
+    """How long a failing read or write of a URL is retried before it is reported (``CROPYIELD_RETRY_SECONDS``)."""
     try:
         return max(0.0, float(os.environ.get("CROPYIELD_RETRY_SECONDS", _RETRY_SECONDS)))
     except ValueError:
@@ -64,23 +65,38 @@ def retry_seconds() -> float:
         ) from None
 
 
-def retried(url: str, read: Callable[[], T]) -> T:
-    """``read()``, retried on transient errors with pauses of 0.25 s doubling to 4 s, for up to
-    ``retry_seconds()``; other errors pass through as they are.
+def retried(
+    url: str,
+    action: Callable[[], T],
+    *,
+    retry_if: Callable[[BaseException], bool] | None = None,
+    failure: str = "cannot be reached",
+    kept: str = "",
+) -> T:
+    """``action()``, retried with pauses of 0.25 s doubling to 4 s, for up to ``retry_seconds()``,
+    while its error is one worth retrying; other errors pass through as they are.
+
+    Args:
+        url: what is being read or written, named in the error.
+        action: the whole read or write, done again from its start on each try.
+        retry_if: which errors are worth retrying (default: :func:`transient`, the network's).
+        failure: what could not be done, for the error (``cannot be reached``).
+        kept: said after the error, once the time is spent (``, the previous one is kept``).
 
     Raises:
-        CropYieldError: naming the URL, once the time is spent (the last error's text, shortened).
+        CropYieldError: ``<url>: <failure> (<the last error, shortened>); retried for <n> s<kept>``.
     """
+    retry_if = retry_if or (lambda err: transient(url, err))
     deadline, pause = time.monotonic() + retry_seconds(), 0.25
     while True:
         try:
-            return read()
-        except OSError as err:  # pyarrow's errors from the network are OSErrors (ArrowIOError)
-            if not transient(url, err):
+            return action()
+        except Exception as err:  # pyarrow's network errors are OSErrors; s3fs and botocore have their own
+            if not retry_if(err):
                 raise
             if time.monotonic() + pause > deadline:
                 raise CropYieldError(
-                    f"{url}: cannot be reached ({_brief(err)}); retried for {retry_seconds():g} s"
+                    f"{url}: {failure} ({_brief(err)}); retried for {retry_seconds():g} s{kept}"
                 ) from None
         time.sleep(pause)
         pause = min(4.0, 2 * pause)

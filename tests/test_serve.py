@@ -21,7 +21,7 @@ from cropyield.errors import CropYieldError
 from cropyield.inference import LinearPredictor
 from cropyield.serve import BadRequest, decode, encode
 
-from .conftest import BIN, assert_one_line_error, run, write_csv
+from .conftest import BIN, assert_one_line_error, run, upload, write_csv
 from .test_inference import CreatesFile
 
 pytest.importorskip("fastapi")
@@ -422,3 +422,20 @@ def test_a_model_with_categorical_columns_serves_named_rows_with_strings(tmp_pat
         assert status == 400 and "row 1, column 'Item': level 'Oats' was not in the training data" in answer["detail"]
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serves_a_checkpoint_on_s3_as_the_same_checkpoint_on_disk(checkpoint, bucket, tmp_path, workers):
+    url = upload(checkpoint, f"{bucket}/runs/last.ckpt")
+    rows = [[75, 63, 44], [80, 70, 50], [-3.5, 1e3, 0]]
+    want = expected(checkpoint, rows)  # the local file's model
+    assert expected(url, rows) == want  # load_regressor reads the URL with the same checks
+    server = Server(url, tmp_path / "server.log", "--workers", workers)
+    try:
+        for _ in range(2 * workers):  # each worker process loaded the model from the URL itself
+            assert server.post({"rows": rows}) == (200, {"predictions": want})
+        assert server.stop() < 10 and group_processes(server.process.pid) == []
+    finally:
+        server.kill()
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()

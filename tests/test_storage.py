@@ -91,6 +91,41 @@ def test_a_url_without_a_filesystem_library_names_what_to_install():
         data_files("nosuch://b/k.csv")
 
 
+def test_retried_retries_what_its_predicate_names_and_says_what_failed(monkeypatch):
+    monkeypatch.setenv("CROPYIELD_RETRY_SECONDS", "2")  # tries at 0, 0.25 and 0.75 s
+    calls = []
+
+    def flaky():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("connection refused")
+        return "done"
+
+    # The default predicate: OSErrors that read as the network's, for URLs only.
+    assert storage.retried("s3://b/k", flaky) == "done" and len(calls) == 3
+    assert calls[2] - calls[1] >= 2 * (calls[1] - calls[0]) * 0.9  # the pause doubles
+    calls.clear()
+    with pytest.raises(ConnectionError):
+        storage.retried("local/k", flaky)  # a local path's errors are never the network's
+    assert len(calls) == 1
+
+    def lasting():
+        raise RuntimeError("botocore: could not connect")
+
+    monkeypatch.setenv("CROPYIELD_RETRY_SECONDS", "1")
+
+    with pytest.raises(CropYieldError, match=r"^s3://b/k: cannot be reached") as caught:
+        storage.retried("s3://b/k", lasting, retry_if=lambda err: isinstance(err, RuntimeError))
+    assert str(caught.value) == "s3://b/k: cannot be reached (botocore: could not connect); retried for 1 s"
+    start = time.monotonic()
+    with pytest.raises(CropYieldError) as caught:
+        storage.retried("s3://b/k", lasting, retry_if=lambda err: True, failure="cannot save", kept=", kept")
+    assert str(caught.value) == "s3://b/k: cannot save (botocore: could not connect); retried for 1 s, kept"
+    assert 0.25 <= time.monotonic() - start < 5
+    with pytest.raises(RuntimeError):  # not worth retrying: as it is, at once
+        storage.retried("s3://b/k", lasting, retry_if=lambda err: False)
+
+
 @pytest.mark.slow
 def test_an_unreachable_store_is_retried_then_one_line_naming_the_url(tmp_path, monkeypatch):
     rows = write_folder(tmp_path / "d", sizes=(100,), row_group=50)
@@ -163,6 +198,44 @@ def test_a_fit_on_s3_keeps_checkpoints_and_logs_there_and_resumes_from_its_last(
     served = LinearPredictor.from_checkpoint(f"{root}/checkpoints/last.ckpt")  # what cropyield-serve loads
     x = torch.tensor([[73.0, 67.0, 43.0]])
     assert torch.equal(served(x), LinearPredictor.from_checkpoint(local / "checkpoints" / "last.ckpt")(x))
+
+
+def _read_objects(urls) -> dict[str, bytes]:
+    fs = s3_filesystem()
+    out = {}
+    for url in urls:
+        with fs.open_input_file(url.removeprefix("s3://")) as f:
+            out[url.rsplit("/", 1)[-1]] = f.read()
+    return out
+
+
+@pytest.mark.slow
+def test_a_fresh_fit_on_s3_keeps_the_earlier_runs_checkpoints_under_its_version(tmp_path, bucket):
+    root = f"{bucket}/run"
+    run("cropyield", "fit", "--trainer.default_root_dir", root, "--trainer.max_epochs", 3, cwd=tmp_path)
+    before = _read_objects(_objects(f"{root}/checkpoints"))
+    assert sorted(before) == ["best-epoch002.ckpt", "last.ckpt"]
+    result = run("cropyield", "fit", "--trainer.default_root_dir", root, "--trainer.max_epochs", 2, cwd=tmp_path)
+    kept = f"{root}/checkpoints/version_0"
+    lines = [line for line in result.stdout.splitlines() if "kept in" in line]
+    assert lines == [f"cropyield: the earlier run's checkpoints (best-epoch002.ckpt, last.ckpt) are kept in {kept}/"]
+    assert _read_objects(_objects(kept)) == before  # byte for byte
+    objects = _objects(root)
+    assert sorted(o for o in objects if o.startswith(f"{root}/checkpoints/") and not o.startswith(kept)) == [
+        f"{root}/checkpoints/best-epoch001.ckpt",
+        f"{root}/checkpoints/last.ckpt",
+    ]
+    assert read_checkpoint(f"{root}/checkpoints/last.ckpt")["epoch"] == 1  # the newest run's
+    assert f"{root}/lightning_logs/version_1/metrics.csv" in objects
+    assert list(tmp_path.iterdir()) == []  # nothing written locally
+    # Resuming keeps its own checkpoints in place.
+    result = run("cropyield", "fit", "--trainer.default_root_dir", root, "--trainer.max_epochs", 3,
+                 "--ckpt_path", "last", cwd=tmp_path)  # fmt: skip
+    assert "kept in" not in result.stdout
+    names = ("best-epoch002.ckpt", "last.ckpt")
+    assert _objects(f"{root}/checkpoints") == sorted(
+        f"{folder}/{n}" for folder in (kept, f"{root}/checkpoints") for n in names
+    )
 
 
 def test_a_checkpoint_upload_that_does_not_read_back_intact_keeps_the_previous_one(tmp_path, bucket, monkeypatch):
