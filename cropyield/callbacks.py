@@ -587,8 +587,13 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # closed in on_predict_end
         self._writer = csv.writer(self._file)
-        spec = getattr(pl_module, "encoding", None)
-        self._encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(pl_module.hparams.feature_names))
+        spec, names = getattr(pl_module, "encoding", None), tuple(pl_module.hparams.feature_names)
+        # The model's encoding (a checkpoint's), else the data's when the model reads its columns (a
+        # model not trained yet), else the model's columns as they are.
+        encoding = Encoding.from_dict(spec) if spec else getattr(trainer.datamodule, "encoding", None)
+        self._encoding = (
+            encoding if isinstance(encoding, Encoding) and encoding.feature_names == names else Encoding(names)
+        )
         self._writer.writerow([*self._encoding.columns, *pl_module.hparams.target_names])
 
     @override
