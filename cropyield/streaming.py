@@ -170,13 +170,21 @@ class StreamSource:
         mask = mask if part == "val" else ~mask
         return rows[mask if keep is None else mask & keep]
 
-    def statistics(self, num_features: int, rank: int = 0, world_size: int = 1) -> QRFactor:
+    def statistics(self, num_features: int, rank: int = 0, world_size: int = 1, progress=None) -> QRFactor:
         """The training rows' :class:`QRFactor` in one streaming pass; this process reads every
-        ``world_size``-th piece and the factors are merged across processes, in rank order."""
+        ``world_size``-th piece and the factors are merged across processes, in rank order.
+        ``progress(pieces)``, when given, makes a bar told of each piece's rows (``advance``)."""
         mine = [i for i in range(len(self.pieces)) if i % world_size == rank and self.train_counts[i]]
         local = QRFactor.empty(num_features, len(self.columns) - num_features)
-        for rows in read_ahead(mine, self.read):
-            local = local.update(torch.from_numpy(rows))
+        bar = progress(len(mine)) if progress is not None else None
+        try:
+            for rows in read_ahead(mine, self.read):
+                local = local.update(torch.from_numpy(rows))
+                if bar is not None:
+                    bar.advance(len(rows))
+        finally:
+            if bar is not None:
+                bar.close()
         if world_size == 1:
             return local
         gathered: list = [None] * world_size
