@@ -160,9 +160,14 @@ class StreamSource:
         piece = self.pieces[index]
         dtype = self.dtype if part == "train" else np.float32
         # The exact solver's float64 rows by columns: its factor and HC pass copy them as columns.
-        order = "F" if dtype == np.float64 else "C"
+        # Float32 Parquet columns stay float32 for it, as the in-memory rows do: it widens each
+        # batch into its own float64 columns anyway (exactly), and the pass then reads and checks
+        # half the bytes (measured 0.2 of its 1.0 s over 1e7 rows).
+        wide = dtype == np.float64
         rows, keep = (
-            (read_piece(piece, self.columns, dtype, order), None) if self._read is None else self._read(piece, dtype)
+            (read_piece(piece, self.columns, dtype, "F" if wide else "C", keep_float32=wide), None)
+            if self._read is None
+            else self._read(piece, dtype)
         )
         if part == "all" or self.val_fraction <= 0:
             return rows if keep is None else rows[keep]

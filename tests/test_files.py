@@ -203,3 +203,26 @@ def test_quoted_newlines_in_a_large_buffer_are_parsed_by_pyarrow(tmp_path, monke
     assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)
     found = files.list_pieces(data_files(path), ["x", "y", "z"], csv_block_bytes=2 << 20)
     assert np.array_equal(np.concatenate([files.read_piece(p, ["x", "y", "z"]) for p in found]), expected)
+
+
+def test_read_piece_keeps_float32_parquet_columns_only_when_asked(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from cropyield.files import list_pieces, read_piece
+
+    rng = np.random.default_rng(0)
+    single = rng.normal(50, 20, (1000, 2)).astype(np.float32)
+    double = rng.normal(50, 20, (1000, 2))  # digits float32 would round away
+    pq.write_table(pa.table({"a": single[:, 0], "b": single[:, 1]}), tmp_path / "single.parquet", row_group_size=400)
+    pq.write_table(pa.table({"a": single[:, 0], "b": double[:, 1]}), tmp_path / "mixed.parquet", row_group_size=400)
+    (piece, *_), (mixed, *_) = (list_pieces([tmp_path / n], ["a", "b"]) for n in ("single.parquet", "mixed.parquet"))
+
+    kept = read_piece(piece, ["b", "a"], np.float64, "F", keep_float32=True)
+    assert kept.dtype == np.float32 and kept.flags.f_contiguous
+    assert np.array_equal(kept, single[:400, ::-1])
+    widened = read_piece(piece, ["b", "a"], np.float64, "F")
+    assert widened.dtype == np.float64 and np.array_equal(widened, single[:400, ::-1].astype(np.float64))
+    # A float64 column keeps the piece float64, unrounded.
+    wide = read_piece(mixed, ["a", "b"], np.float64, "F", keep_float32=True)
+    assert wide.dtype == np.float64 and np.array_equal(wide[:, 1], double[:400, 1])
+    assert np.array_equal(wide[:, 0], single[:400, 0].astype(np.float64))
