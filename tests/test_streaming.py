@@ -417,3 +417,20 @@ def test_a_checkpoint_from_the_middle_of_an_exact_pass_resumes_it(tmp_path, quie
     torch.testing.assert_close(resumed.linear.weight, whole.linear.weight, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(resumed.linear.bias, whole.linear.bias, rtol=1e-6, atol=1e-6)
     assert resumed.factor.count == 4000
+
+
+def test_exact_reads_of_float32_parquet_stay_float32_and_give_the_float64_factor(tmp_path):
+    from cropyield.files import read_piece
+    from cropyield.reference import QRFactor
+
+    rows = np.random.default_rng(4).normal([80, 90, 55, 60, 70], [10, 20, 5, 8, 9], (3000, 5)).astype(np.float32)
+    pq.write_table(pa.table(dict(zip(COLUMNS, rows.T, strict=True))), tmp_path / "d.parquet", row_group_size=700)
+    pieces = list_pieces([tmp_path / "d.parquet"], COLUMNS)
+    source = StreamSource(pieces, COLUMNS, 0.0, seed=0, dtype=torch.float64)
+    assert source.read(0).dtype == np.float32 and np.array_equal(source.read(0), rows[:700])
+    expected = QRFactor.empty(3, 2)
+    for piece in pieces:  # the same rows widened to float64 before the accumulator sees them
+        expected = expected.update(torch.from_numpy(read_piece(piece, COLUMNS, np.float64)))
+    got = source.statistics(3)
+    for name in ("count", "shift", "scale", "r", "low", "high"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
