@@ -22,9 +22,9 @@ _NAME_LISTS = ("--data.feature_names", "--data.target_names")
 
 # (data module attribute, model argument): what the model takes from the data it is trained on.
 LINKS = (
-    ("num_features", "in_features"),
+    ("model_num_features", "in_features"),
     ("num_targets", "out_features"),
-    ("feature_names", "feature_names"),
+    ("model_feature_names", "feature_names"),
     ("target_names", "target_names"),
     ("standardize", "standardize"),
 )

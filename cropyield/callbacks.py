@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +220,8 @@ class _DelayedTqdm(Tqdm):
 
 class RealSteps(Callback):
     """Makes the step that loggers record (``metrics.csv``'s ``step``) count optimizer steps, as
-    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches."""
+    ``global_step`` does, also when one ``training_step`` call trains a chunk of batches. The
+    package's regressors add it themselves (``configure_callbacks``), with any Trainer."""
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -271,7 +275,8 @@ _interruption: dict[str, Any] = {}  # the signal that stopped the last fit, and 
 
 
 def interruption() -> dict[str, Any]:
-    """The signal that stopped the last fit in this process (``signum``, ``path`` saved, ``step``), or {}."""
+    """The signal that stopped the last fit in this process (``signum``, ``path`` saved, ``step``, the
+    process's ``rank``), or {}."""
     return dict(_interruption)
 
 
@@ -289,39 +294,63 @@ class CropYieldCheckpoint(ModelCheckpoint):
     ``last.ckpt`` is then written as a step checkpoint would be, resumable with ``--ckpt_path last``,
     and the fit stops with :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException`
     (``cropyield`` then exits with 128 + the signal's number); a training loader that cannot save its
-    position (a plain ``DataLoader``) stops at the end of its epoch instead. Under DDP the ranks agree on stopping
-    at the same step (one small all-reduce per ``training_step`` call). A second signal while the
-    checkpoint is written changes nothing: the write is atomic and not interrupted.
+    position (a plain ``DataLoader``) stops at the end of its epoch instead. Under DDP a signal is
+    only noted where it lands, and the ranks agree on stopping at the same step (one small all-reduce
+    per ``training_step`` call), then all save and stop there. A second signal while the checkpoint
+    is written changes nothing: the write is atomic and not interrupted.
     """
 
     _signum: int | None = None
+    _pending = 0  # under DDP: the signal noted since the ranks last agreed (0: none)
     _previous_sigint = None
     _stop_at_epoch_end = False
 
+    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
+    resuming = False  # set by the CLI for a fit given --ckpt_path
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._signum, self._stop_at_epoch_end = None, False
+        with warnings.catch_warnings():
+            if self.keep_earlier or self.resuming:
+                # Lightning's warning that dirpath holds files (this run may replace them): here an
+                # earlier run's are moved aside first, and a resumed run writes beside its own.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        self._signum, self._stop_at_epoch_end, self._pending = None, False, 0
         _interruption.clear()
         version = getattr(trainer.logger, "version", None)
         self._run_name = f"version_{version}" if isinstance(version, int) else (version or None)
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             connector = trainer._signal_connector
+            distributed = trainer.world_size > 1
 
-            def on_sigint(signum, frame) -> None:
+            def on_signal(signum, frame) -> None:
                 self._signum = self._signum or signum
-                connector.received_sigterm = True  # Lightning's loops then stop as on SIGTERM
+                if distributed:
+                    self._pending = self._pending or signum  # agreed on at the step's end: _stop_asked
+                else:
+                    connector.received_sigterm = True  # Lightning's loops then stop as on SIGTERM
 
-            self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+            def on_sigterm(signum, frame) -> None:
+                if not (self._pending or connector.received_sigterm) and trainer.strategy.launcher is not None:
+                    trainer.strategy.launcher.kill(signum)  # Lightning's: on to the processes it started
+                on_signal(signum, frame)
+
+            self._previous_sigint = signal.signal(signal.SIGINT, on_signal)
+            if distributed:
+                # Lightning's own SIGTERM handler runs a broadcast inside the handler, wherever the
+                # signal lands on each rank: matched against another rank's gradient all-reduce it
+                # hung a 2-process fit until the process group's timeout. Used from the Trainer's
+                # handler registration, which comes after this hook.
+                connector._sigterm_notifier_fn = on_sigterm
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+        vars(trainer._signal_connector).pop("_sigterm_notifier_fn", None)
         super().teardown(trainer, pl_module, stage)
-
-    keep_earlier = False  # set by the CLI for a fresh fit: see keep_earlier_run
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -395,18 +424,24 @@ class CropYieldCheckpoint(ModelCheckpoint):
         return {f"{str(self.dirpath).rstrip('/')}/{name}" for name in names if last.fullmatch(name)}
 
     def _stop_asked(self, trainer: L.Trainer) -> bool:
-        asked = bool(trainer.received_sigterm)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            flag = torch.tensor([int(asked)], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            asked = bool(flag.item())
-        return asked
+        if trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return bool(trainer.received_sigterm)
+        # Every rank here, at the same step: the signal noted on any rank stops them all (the
+        # larger number when two differ, so that every rank exits with the same status).
+        flag = torch.tensor([self._pending], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        agreed = int(flag.item())
+        if agreed:
+            self._signum, self._pending = agreed, 0
+        return bool(agreed) or bool(trainer.received_sigterm)
 
     def _save_on_signal(self, trainer: L.Trainer) -> None:
         signum = self._signum or signal.SIGTERM
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        _interruption.update(signum=int(signum), path=self.last_model_path, step=trainer.global_step)
+        _interruption.update(
+            signum=int(signum), path=self.last_model_path, step=trainer.global_step, rank=trainer.global_rank
+        )
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -444,18 +479,45 @@ class CropYieldCheckpoint(ModelCheckpoint):
         # epoch boundary's or a validation's, which Lightning resumes from too.
         if isinstance(exception, KeyboardInterrupt):
             self._signum = self._signum or signal.SIGINT
-        elif not isinstance(exception, SIGTERMException) or _interruption:
+        elif not isinstance(exception, SIGTERMException):
             return
-        if trainer.state.fn == "fit" and trainer.global_step > 0:
+        if _interruption:
+            pass  # saved where the ranks agreed to stop
+        elif trainer.state.fn == "fit" and trainer.global_step > 0:
             self._save_on_signal(trainer)
         else:
-            _interruption.update(signum=int(self._signum or signal.SIGTERM), path=None, step=trainer.global_step)
+            _interruption.update(
+                signum=int(self._signum or signal.SIGTERM),
+                path=None,
+                step=trainer.global_step,
+                rank=trainer.global_rank,
+            )
+        _await_started_ranks(trainer)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_checkpoint_saved and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+def _await_started_ranks(trainer: L.Trainer) -> None:
+    """On the process that launched the other DDP ranks (Lightning's subprocess launcher), stopped by
+    a signal: waits for them to save and exit, so that its exit status is the whole run's.
+
+    Lightning's observer thread SIGKILLs the launcher as soon as a rank it started exits with a
+    non-zero status, which every rank stopped by a signal does (128 + N): it is disarmed first."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    procs = getattr(trainer.strategy.launcher, "procs", None)
+    if not procs:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._termination_signal = 0  # signal 0 only checks that a process exists
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
 
 
 def _run_name(last: str, fs, files: list[str]) -> str:

@@ -46,7 +46,6 @@ from cropyield.callbacks import (
     CSVPredictionWriter,
     LongWorkProgressBar,
     ProgressReport,
-    RealSteps,
     interruption,
 )
 from cropyield.checkpoint_io import AtomicCheckpointIO
@@ -164,6 +163,8 @@ class CropYieldCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs):
+        if self.subcommand in ("fit", "validate", "test") and isinstance(self.datamodule, CropYieldDataModule):
+            self.datamodule.check_targets()  # before the Trainer makes a log folder
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or os.getcwd()
         root = root.rstrip("/") if is_url(root) else os.path.realpath(root)  # a URL: checkpoints and logs there
@@ -177,7 +178,7 @@ class CropYieldCLI(LightningCLI):
             subcommand = self.config.get("subcommand")
             seconds = self.config[subcommand].get("ddp_timeout", DEFAULT_DDP_TIMEOUT) if subcommand else None
             kwargs["strategy"] = DDPStrategy(timeout=timedelta(seconds=seconds or DEFAULT_DDP_TIMEOUT))
-        kwargs["callbacks"] = [*(config.get("callbacks") or []), RealSteps()]
+        kwargs["callbacks"] = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False:
             kwargs["callbacks"].append(LongWorkProgressBar())
         try:
@@ -202,10 +203,12 @@ class CropYieldCLI(LightningCLI):
                 callback.dirpath = os.path.join(root, "checkpoints")
         # A fresh fit replaces last.ckpt and same-named best checkpoints: an earlier run's are kept
         # (moved aside before this run's first write, so a run that fails first changes nothing).
-        if self.subcommand == "fit" and not self.config.fit.get("ckpt_path"):
+        # A resumed fit writes beside its own checkpoints.
+        if self.subcommand == "fit":
+            resuming = bool(self.config.fit.get("ckpt_path"))
             for callback in trainer.checkpoint_callbacks:
                 if isinstance(callback, CropYieldCheckpoint):
-                    callback.keep_earlier = True
+                    callback.keep_earlier, callback.resuming = not resuming, resuming
         return trainer
 
 
@@ -282,7 +285,8 @@ def main() -> None:
             raise
         name = signal.Signals(stopped["signum"]).name
         saved = f"saved {stopped['path']} at step {stopped['step']}" if stopped["path"] else "nothing to save yet"
-        print(f"cropyield: stopped by {name}: {saved}; resume with --ckpt_path last", file=sys.stderr)
+        if not stopped.get("rank"):  # one line for the run, from rank 0 under DDP
+            print(f"cropyield: stopped by {name}: {saved}; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + stopped["signum"])
     except argparse.ArgumentError as err:  # jsonargparse's, for a value of the wrong type or an unknown flag
         _fail(one_line(str(err)))

@@ -10,9 +10,9 @@ Which path serves the rows:
 - the exact solver (a model with ``exact_pass``): every training row once, in order.
 
 The first two are a :class:`~cropyield.sources.TableSource`, streaming a
-:class:`~cropyield.sources.StreamedSource`: the module builds one per stage and calls it once per
-hook. Categorical columns are encoded and rows with a missing cell dropped before the rows reach
-a source (:mod:`cropyield.encoding`).
+:class:`~cropyield.sources.StreamedSource`: the module has :class:`~cropyield.reader.RowReader`
+build one per stage and calls it once per hook. Categorical columns are encoded and rows with a
+missing cell dropped before the rows reach a source (:mod:`cropyield.encoding`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from cropyield.cells import text_columns
 from cropyield.encoding import DEFAULT_MAX_LEVELS, MISSING_CHOICES, Encoding
 from cropyield.errors import CropYieldError
 from cropyield.files import check_columns, check_files, data_files, read_columns
+from cropyield.reader import Layout, RowReader
 from cropyield.reference import QRFactor
-from cropyield.sources import Layout, LoaderOptions, RowReader, RowSource, TableSource
+from cropyield.sources import LoaderOptions, RowSource, TableSource
 from cropyield.streaming import DEFAULT_SHUFFLE_BUFFER
 
 # Input (temp, rainfall, humidity) and targets (apples, oranges), as in the tutorial's
@@ -173,7 +174,14 @@ class CropYieldDataModule(L.LightningDataModule):
         else:
             source, columns = "the embedded data", (*FEATURE_NAMES, *TARGET_NAMES)
         self.target_names = tuple(target_names) if target_names is not None else TARGET_NAMES
-        check_columns(source, self.target_names, columns)
+        # Prediction needs no targets: a file with none of them is refused by the other stages' setup.
+        self._no_targets: CropYieldError | None = None
+        try:
+            check_columns(source, self.target_names, columns)
+        except CropYieldError as err:
+            if any(t in columns for t in self.target_names):
+                raise
+            self._no_targets = err
         inferred = feature_names is None
         if feature_names is None:
             feature_names = [c for c in columns if c not in self.target_names]
@@ -185,7 +193,8 @@ class CropYieldDataModule(L.LightningDataModule):
         if not self.input_names or not self.target_names:
             raise CropYieldError(f"{source}: need at least one feature column and one target column")
         if self.data_path is not None:  # a folder's files: columns by name, in any order
-            check_files(self._files, [*self.input_names, *self.target_names], columns if inferred else None)
+            targets = self.target_names if self._no_targets is None else ()
+            check_files(self._files, [*self.input_names, *targets], columns if inferred else None)
         given = {str(c): tuple(str(v) for v in values) for c, values in (levels or {}).items()}
         if categorical_names is None:
             categorical_names = text_columns(self._files[0], self.input_names) if self.data_path else ()
@@ -263,6 +272,21 @@ class CropYieldDataModule(L.LightningDataModule):
         return len(self.feature_names)
 
     @property
+    def model_feature_names(self) -> tuple[str, ...] | None:
+        """``feature_names`` as the CLI gives them to the model it builds: None while the levels of
+        streamed categorical columns are still to be learned. The model is then sized in ``setup``
+        (``in_features=None``), where under DDP each process reads only its share of the pieces and
+        the levels found are gathered; learning them now, before the processes connect, every
+        process would read every piece."""
+        return None if self._encoding is None and self.streaming else self.feature_names
+
+    @property
+    def model_num_features(self) -> int | None:
+        """``num_features`` as the CLI gives it to the model (see :attr:`model_feature_names`)."""
+        names = self.model_feature_names
+        return None if names is None else len(names)
+
+    @property
     def num_targets(self) -> int:
         return len(self.target_names)
 
@@ -283,6 +307,7 @@ class CropYieldDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "predict":
             return  # built by predict_dataloader: a checkpoint given to the Trainer is restored by then
+        self.check_targets()
         if self._source is not None:
             return
         if self._encoding is None:  # here every process is present: each reads its share of the pieces
@@ -298,6 +323,12 @@ class CropYieldDataModule(L.LightningDataModule):
             numeric = torch.from_numpy(self.encoding.numeric)
             self.feature_mean = torch.where(numeric, mean, 0).float()
             self.feature_std = torch.where(numeric, std, 1).float()
+
+    def check_targets(self) -> None:
+        """Raises the one-line error naming the target columns the data lacks: every stage but
+        ``predict`` needs them (its ``setup`` checks; the CLI checks before building a Trainer)."""
+        if self._no_targets is not None:
+            raise self._no_targets
 
     def statistics(self) -> QRFactor:
         """The float64 QR factor of the training rows ``[features | 1 | targets]``, computed once:
@@ -412,9 +443,6 @@ class CropYieldDataModule(L.LightningDataModule):
         """float64 for a model that asks for it (the exact solver: every digit of the files), else float32."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         return getattr(model, "data_dtype", torch.float32)
-
-    def _source_name(self) -> str:
-        return self.data_path or ("the given tensors" if self._memory else "the embedded data")
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else torch.initial_seed() % 2**63

@@ -83,7 +83,7 @@ class LeastSquaresRegressor(BaseRegressor):
     features) gets the minimum-norm solution and a warning naming the columns at fault.
 
     Args:
-        in_features: number of input columns.
+        in_features: number of input columns (None: the data module's, when the model is set up).
         out_features: number of targets.
         l2: ridge penalty, as scikit-learn's ``Ridge(alpha=l2)``: minimizes
             ``‖Y - X Wᵀ - b‖² + l2 ‖W‖²``, the intercept not penalized. 0 is ordinary least squares.
@@ -101,7 +101,7 @@ class LeastSquaresRegressor(BaseRegressor):
 
     def __init__(
         self,
-        in_features: int = 3,
+        in_features: int | None = 3,
         out_features: int = 2,
         l2: float = 0.0,
         feature_names: Sequence[str] | None = None,
@@ -129,7 +129,7 @@ class LeastSquaresRegressor(BaseRegressor):
         if cov_type != "nonrobust" and l2 > 0:
             raise CropYieldError(f"cov_type={cov_type!r} needs ordinary least squares (l2=0), not ridge (l2={l2:g})")
         self.automatic_optimization = False
-        self.statistics = LeastSquaresStatistics(in_features, out_features, center=bool(fit_intercept))
+        self.statistics = self._empty_statistics()
         self.solution: LeastSquares | None = None  # the last solve, in float64 (on the scaled inputs with standardize)
         self.factor: QRFactor | None = None  # the factor it solved (of the raw rows)
         self.meat: torch.Tensor | None = None  # HC: Σ wᵢ zᵢzᵢᵀ per target, zᵢ the whitened design row
@@ -138,6 +138,15 @@ class LeastSquaresRegressor(BaseRegressor):
     data_dtype = torch.float64  # asks the data module for float64 rows (every digit of the files)
     exact_pass = True  # tells the data module to serve every training row exactly once
     _resumed_pass = False
+
+    def _empty_statistics(self) -> LeastSquaresStatistics:
+        hp = self.hparams  # in_features None: sized in setup (`_size`)
+        return LeastSquaresStatistics(hp.in_features or 0, hp.out_features, center=hp.fit_intercept)
+
+    @override
+    def _size(self, dm) -> None:
+        super()._size(dm)
+        self.statistics = self._empty_statistics()
 
     @override
     def training_step(self, batch, batch_idx: int) -> None:

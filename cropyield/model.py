@@ -35,7 +35,7 @@ class BaseRegressor(L.LightningModule):
 
     def __init__(
         self,
-        in_features: int = 3,
+        in_features: int | None = 3,
         out_features: int = 2,
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
@@ -44,15 +44,19 @@ class BaseRegressor(L.LightningModule):
         **hparams,
     ) -> None:
         super().__init__()
+        if in_features is None and feature_names is not None:
+            in_features = len(feature_names)
         # First, so that it draws its initial weights from the RNG exactly as the tutorial's does.
-        self.linear = nn.Linear(in_features, out_features)
-        feature_names = (
-            tuple(feature_names) if feature_names is not None else default_names(in_features, FEATURE_NAMES, "feature")
-        )
+        # in_features=None: sized by the data module when the Trainer sets the model up (see `_size`).
+        self.linear = nn.Linear(in_features, out_features) if in_features is not None else nn.LazyLinear(out_features)
+        if feature_names is not None:
+            feature_names = tuple(feature_names)
+        elif in_features is not None:
+            feature_names = default_names(in_features, FEATURE_NAMES, "feature")
         target_names = (
             tuple(target_names) if target_names is not None else default_names(out_features, TARGET_NAMES, "target")
         )
-        if len(feature_names) != in_features or len(target_names) != out_features:
+        if (in_features is not None and len(feature_names) != in_features) or len(target_names) != out_features:
             raise CropYieldError(
                 f"{len(feature_names)} feature names and {len(target_names)} target names do not match "
                 f"in_features={in_features} and out_features={out_features}"
@@ -63,14 +67,14 @@ class BaseRegressor(L.LightningModule):
                 "in_features": in_features,
                 "out_features": out_features,
                 **hparams,
-                "feature_names": list(feature_names),
+                "feature_names": None if feature_names is None else list(feature_names),
                 "target_names": list(target_names),
                 "standardize": bool(standardize),
                 "units": None if units is None else str(units),
             }
         )
-        self.register_buffer("feature_mean", torch.zeros(in_features))
-        self.register_buffer("feature_std", torch.ones(in_features))
+        self.register_buffer("feature_mean", torch.zeros(in_features or 0))
+        self.register_buffer("feature_std", torch.ones(in_features or 0))
         self.val_metrics = _metrics(out_features)
         self.test_metrics = _metrics(out_features)
 
@@ -103,6 +107,8 @@ class BaseRegressor(L.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         _quiet_lightning()
+        if self.hparams.in_features is None:
+            self._size(self.trainer.datamodule)
         if stage == "fit" and self.hparams.standardize:
             dm = self.trainer.datamodule
             if getattr(dm, "feature_mean", None) is None:
@@ -117,6 +123,13 @@ class BaseRegressor(L.LightningModule):
         if stage == "fit" and self.hparams.units is None:
             # Recorded in the checkpoint's hyper-parameters: what cropyield-predict prints after yields.
             self.hparams.units = getattr(self.trainer.datamodule, "units", None)
+
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The logged step counts optimizer steps under chunked training too, with any Trainer.
+        from cropyield.callbacks import RealSteps  # callbacks imports this module
+
+        return [RealSteps()]
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -138,6 +151,21 @@ class BaseRegressor(L.LightningModule):
         self.encoding = (checkpoint.get("cropyield") or {}).get("encoding")
 
     encoding: dict | None = None  # the raw input columns and categorical levels (Encoding.to_dict)
+
+    def _size(self, dm) -> None:
+        """Builds the layer of a model created with ``in_features=None`` for the data's encoded columns.
+
+        Here, in ``setup``, every DDP process is connected and the data module has learned the
+        levels (each process from its share of the pieces, the levels found gathered); the weights
+        are made before the checkpoint restores them, the optimizer and DDP's wrapping.
+        """
+        names = getattr(dm, "feature_names", None)
+        if names is None:
+            raise CropYieldError("a model created with in_features=None takes its size from a CropYieldDataModule")
+        self.linear = nn.Linear(len(names), self.hparams.out_features)
+        self.feature_mean, self.feature_std = torch.zeros(len(names)), torch.ones(len(names))  # the buffers
+        # Saved again (not only set): the logged hyper-parameters are those saved, logged after setup.
+        self.save_hyperparameters({**self.hparams, "in_features": len(names), "feature_names": list(names)})
 
     def _adopt_encoding(self, encoding) -> None:
         """Takes the data's encoding of categorical columns, which predictions then apply to raw rows."""
@@ -179,6 +207,8 @@ class CropYieldRegressor(BaseRegressor):
 
     Args:
         in_features: number of input columns (temperature, rainfall, humidity in the tutorial).
+            None: the data module's, taken when the Trainer sets the model up (the CLI leaves it
+            to then while the levels of streamed categorical columns are still to be learned).
         out_features: number of targets (apples, oranges in the tutorial).
         lr: SGD learning rate; the tutorial's 1e-5 suits its raw inputs. Above about 1.1e-4 SGD
             diverges on them; with standardized inputs 0.1 converges fast.
@@ -200,7 +230,7 @@ class CropYieldRegressor(BaseRegressor):
 
     def __init__(
         self,
-        in_features: int = 3,
+        in_features: int | None = 3,
         out_features: int = 2,
         lr: float = 1e-5,
         feature_names: Sequence[str] | None = None,
@@ -386,7 +416,7 @@ class ManualSGDRegressor(CropYieldRegressor):
     bias, so checkpoints have the same layout as :class:`CropYieldRegressor`'s.
 
     Args:
-        in_features: number of input columns.
+        in_features: number of input columns (None: the data module's, when the model is set up).
         out_features: number of targets.
         lr: the step size of the hand-written update.
         feature_names: names of the inputs, recorded in checkpoints.
@@ -399,7 +429,7 @@ class ManualSGDRegressor(CropYieldRegressor):
 
     def __init__(
         self,
-        in_features: int = 3,
+        in_features: int | None = 3,
         out_features: int = 2,
         lr: float = 1e-5,
         feature_names: Sequence[str] | None = None,
@@ -468,8 +498,6 @@ def _quiet_lightning() -> None:
         "ignore",
         message=r"The number of training batches \(\d+\) is smaller than the logging",
     )
-    # Runs share checkpoints/ by design: last.ckpt is replaced, best checkpoints are named by epoch.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Step checkpoints of the manual variants hold the weights after the step, as the automatic
     # variant's do; the exact solver's "step" changes no weight.
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train")

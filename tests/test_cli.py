@@ -5,6 +5,7 @@ import inspect
 import json
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -139,6 +140,27 @@ def test_lightningcli_predict_writes_a_csv(trained, tmp_path):
     assert torch.equal(got[:, 3:], expected)
 
 
+def test_predict_reads_a_file_without_target_columns_and_the_other_stages_refuse_it(trained, tmp_path):
+    folder, _ = trained
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    rows = [[73, 67, 43], [91, 88, 64], [102, 43, 37]]
+    write_csv(tmp_path / "regions.csv", ["temp", "rainfall", "humidity"], rows)
+    out = tmp_path / "p.csv"
+    run("cropyield", "predict", "--ckpt_path", ckpt, "--data.data_path", "regions.csv",
+        "--prediction_writer.output_path", out, cwd=tmp_path)  # fmt: skip
+    lines = out.read_text().splitlines()
+    assert lines[0] == "temp,rainfall,humidity,apples,oranges" and len(lines) == 4
+    got = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]], dtype=torch.float64)
+    assert got[:, :3].tolist() == rows
+    torch.testing.assert_close(got[:, 3:], by_hand(ckpt, torch.tensor(rows)), rtol=2**-20, atol=0)
+    for command in (["fit"], ["test", "--ckpt_path", ckpt]):
+        result = run("cropyield", *command, "--data.data_path", "regions.csv", cwd=tmp_path, check_rc=None)
+        assert_one_line_error(result, "regions.csv: missing column(s) ['apples', 'oranges']")
+    assert not (tmp_path / "checkpoints").exists()
+    for logs in ("lightning_logs", "tensorboard"):  # the predict run's log only (TensorBoard's if installed)
+        assert [p.name for p in (tmp_path / logs).iterdir()] == ["version_0"] if (tmp_path / logs).exists() else True
+
+
 def own_copy(trained, tmp_path):
     """The trained folder copied, for a test that writes in it (the fixture stays as the run left it)."""
     shutil.copytree(trained[0], tmp_path / "run")
@@ -157,6 +179,7 @@ def test_running_again_keeps_the_earlier_runs_checkpoints_and_starts_a_new_log_v
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the newest run's
     assert sorted(p.name for p in (folder / "checkpoints").glob("*.ckpt")) == ["best-epoch001.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (folder / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert "not empty" not in result.stdout + result.stderr  # Lightning's warning: the move replaces it
     assert (folder / "lightning_logs" / "version_0" / "metrics.csv").read_bytes() == (
         trained[0] / "lightning_logs" / "version_0" / "metrics.csv"
     ).read_bytes()
@@ -166,6 +189,24 @@ def test_resuming_keeps_its_own_checkpoints_in_place(tmp_path):
     run("cropyield", "fit", "--trainer.max_epochs", "2", cwd=tmp_path)
     result = run("cropyield", "fit", "--trainer.max_epochs", "3", "--ckpt_path", "last", cwd=tmp_path)
     assert "kept in" not in result.stdout and not [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]
+    assert "not empty" not in result.stdout + result.stderr
+
+
+PLAIN_FIT = """
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from cropyield import CropYieldDataModule, CropYieldRegressor
+trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[ModelCheckpoint(".")], accelerator="cpu")
+trainer.fit(CropYieldRegressor(), CropYieldDataModule())
+"""
+
+
+def test_a_plain_trainer_still_warns_of_a_checkpoint_folder_that_is_not_empty(tmp_path):
+    # Only the CLI moves an earlier run's checkpoints aside: elsewhere Lightning's warning stays.
+    (tmp_path / "earlier.ckpt").write_bytes(b"an earlier run")
+    result = subprocess.run([sys.executable, "-c", PLAIN_FIT], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert re.search(r"Checkpoint directory .* exists and is not empty", result.stderr), result.stderr
 
 
 def logged(folder, key: str) -> dict[int, float]:
@@ -339,7 +380,7 @@ def test_the_checkpoints_own_config_agrees_with_it(variants, tmp_path):
 def test_a_long_epoch_shows_a_bar_counting_batches_and_metrics_count_optimizer_steps(tmp_path, capsys):
     import lightning as L
 
-    from cropyield.callbacks import LongWorkProgressBar, RealSteps
+    from cropyield.callbacks import LongWorkProgressBar
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(400, 3, generator=g)
@@ -350,7 +391,7 @@ def test_a_long_epoch_shows_a_bar_counting_batches_and_metrics_count_optimizer_s
         default_root_dir=tmp_path,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[LongWorkProgressBar(delay=0), RealSteps()],
+        callbacks=[LongWorkProgressBar(delay=0)],  # the model adds RealSteps
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
     )
     trainer.fit(CropYieldRegressor(lr=0.1), dm)

@@ -144,6 +144,8 @@ def test_streamed_folder_one_file_per_crop_under_ddp_equals_statsmodels(tmp_path
     # The encoded rows: 7 area columns, then the 3 crop columns (Maize, the reference, has none).
     crops_seen = [{row[7:10].index(1.0) + 1 if 1.0 in row[7:10] else 0 for row in r["rows"]} for r in records]
     assert all(len(seen) < 4 for seen in crops_seen)  # no process read every crop
+    # Learning the levels, each process read only its share of the files, and encodes every crop.
+    assert [r["first_pass"] for r in records] == [["crop-0.csv", "crop-2.csv"], ["crop-1.csv", "crop-3.csv"]]
     for name in ("weight", "bias"):
         assert torch.equal(weights[0][name], weights[1][name])
     missing = frame.isna().sum()

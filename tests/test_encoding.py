@@ -285,3 +285,43 @@ def test_given_levels_are_used_as_given(tmp_path):
     assert x[:, 0].tolist() == [float(i % 2 == 0) for i in range(20)] and x[:, 1].eq(0).all()
     with pytest.raises(CropYieldError, match="level 'a' was not in the training data"):
         CropYieldDataModule(data_path=str(path), target_names=["y"], levels={"Item": ["b"]}).setup("fit")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streamed"])
+def test_a_categorical_fit_resumed_with_ckpt_path_last_equals_an_uninterrupted_run(tmp_path, caplog, streaming):
+    from cropyield.cli import cli_main
+
+    path = tmp_path / "crops.csv"
+    write_crops(make_crops(400, areas=4, crops=3, missing=10, seed=5), path)
+    args = ["--config", "fast.yaml", "--data.data_path", str(path), "--data.target_names", f"[{TARGET}]",
+            "--data.missing", "drop", "--data.val_fraction", "0.2", "--data.batch_size", "40",
+            "--data.streaming", str(streaming).lower(), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+    def fit(folder: str, epochs: int, *more: str) -> Path:
+        cli_main(["fit", *args, "--trainer.default_root_dir", str(tmp_path / folder), "--trainer.max_epochs",
+                  str(epochs), *more])  # fmt: skip
+        return tmp_path / folder / "checkpoints" / "last.ckpt"
+
+    whole = fit("whole", 6)
+    assert torch.load(fit("resumed", 3), weights_only=True)["epoch"] == 2
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        resumed = fit("resumed", 6, "--ckpt_path", "last")
+    assert "Restored all states" in caplog.text  # resumed, not started over (which would also match)
+    a, b = load_regressor(whole), load_regressor(resumed)
+    assert a.encoding == b.encoding and len(a.hparams.feature_names) == 3 + 2 + 4  # Area, Item dummies
+    assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
+    assert torch.equal(a.feature_mean, b.feature_mean) and torch.equal(a.feature_std, b.feature_std)
+
+
+def test_a_model_without_in_features_is_sized_by_the_streamed_data_in_setup(crops, tmp_path, quiet):
+    sized, dm, _ = exact_fit(tmp_path, quiet, data_path=str(crops), streaming=True)  # sized before the Trainer
+    lazy = LeastSquaresRegressor(in_features=None, out_features=1, target_names=[TARGET])
+    later = CropYieldDataModule(data_path=str(crops), target_names=[TARGET], missing="drop", batch_size=1000,
+                                streaming=True)  # fmt: skip
+    trainer = L.Trainer(max_epochs=1, **quiet)
+    trainer.fit(lazy, later)  # the levels learned in the data module's setup, the layer built in the model's
+    assert lazy.hparams.in_features == dm.num_features and lazy.hparams.feature_names == list(dm.feature_names)
+    assert torch.equal(lazy.linear.weight, sized.linear.weight) and torch.equal(lazy.linear.bias, sized.linear.bias)
+    trainer.save_checkpoint(tmp_path / "lazy.ckpt")
+    loaded = load_regressor(tmp_path / "lazy.ckpt")
+    assert loaded.encoding == sized.encoding and torch.equal(loaded.linear.weight, sized.linear.weight)

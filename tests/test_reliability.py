@@ -1,5 +1,7 @@
 """Faults injected into real runs: divergence, SIGKILL and resume, kills during checkpoint writes."""
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import torch
 from cropyield import CropYieldDataModule, CropYieldRegressor, load_regressor
 from cropyield.errors import TrainingDivergedError
 
-from .conftest import BIN, run, write_csv
+from .conftest import BIN, ROOT_DIR, run, write_csv
 
 
 def weights(path):
@@ -112,27 +114,49 @@ def test_kill_while_writing_a_checkpoint_never_leaves_a_corrupt_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["last.ckpt"]
 
 
-def fit_signalled_then_resumed(folder, sig, *args, ready):
-    """Starts `cropyield fit`, sends ``sig`` once ``ready(checkpoint)`` holds for its last.ckpt,
-    checks the exit status and the checkpoint written, then resumes with `--ckpt_path last`."""
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def fit_signalled_then_resumed(folder, sig, *args, ready, group=False, env=None):
+    """Starts `cropyield fit` in a session of its own, sends ``sig`` (to its whole process group with
+    ``group``) once ``ready(checkpoint)`` holds for its last.ckpt, checks the exit status, the one
+    closing line and the checkpoint written, then resumes with `--ckpt_path last`."""
     command = [str(BIN / "cropyield"), "fit", *map(str, args)]
-    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, **(env or {})}
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)  # fmt: skip
     last = folder / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if last.exists() and ready(torch.load(last, weights_only=True)):
             break
         time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be signalled"
     before = torch.load(last, weights_only=True)["global_step"]
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=120)
+    if group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
+    try:
+        _, stderr = process.communicate(timeout=120)
+        outlived = group_alive(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # nothing left behind if the test failed
     assert process.returncode == 128 + sig, (process.returncode, stderr)
+    assert not outlived, "a process of the run outlived it"
     saved = torch.load(last, weights_only=True)
-    assert stderr.strip().splitlines()[-1] == (
+    closing = [line for line in stderr.splitlines() if line.startswith("cropyield: ")]
+    assert closing == [
         f"cropyield: stopped by {sig.name}: saved {last} at step {saved['global_step']}; resume with --ckpt_path last"
-    )
+    ], stderr
     assert saved["global_step"] >= before  # the step reached, not an older save
-    result = run("cropyield", "fit", *args, "--ckpt_path", "last", cwd=folder)
+    result = run("cropyield", "fit", *args, "--ckpt_path", "last", cwd=folder, env=env)
     assert "Restored all states" in result.stdout and "not resumable" not in result.stdout + result.stderr
     return saved
 
@@ -167,3 +191,42 @@ def test_sigterm_during_the_tutorial_run_stops_at_the_epochs_end_and_resumes_exa
     assert saved["global_step"] % 3 == 0 and saved["epoch"] < 399  # the plain DataLoader stops at an epoch's end
     full = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
     assert torch.equal(weights(tmp_path / "signalled" / "checkpoints" / "last.ckpt"), full)
+
+
+def crop_like_rows(folder, n: int, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, generator=g) * 100
+    y = x @ torch.tensor([[0.5, 0.2, 0.1], [0.1, 0.3, 0.6]]).T + torch.randn(n, 2, generator=g)
+    write_csv(folder / "d.csv", ["temp", "rainfall", "humidity", "apples", "oranges"], torch.cat([x, y], 1).tolist())
+
+
+# 6,000 rows, 4 a batch: 750 SGD steps an epoch on each of 2 processes, chunks of 64 (the fast path)
+DDP_FIT = ["--data.data_path", "d.csv", "--data.fast_path_min_rows", "8", "--data.batch_size", "4",
+           "--data.standardize", "true", "--model.lr", "0.01", "--checkpoint.every_n_train_steps", "64",
+           "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--trainer.accelerator", "cpu", "--trainer.callbacks+=tests.ddp_helpers.RecordRank"]  # fmt: skip
+DDP_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT_DIR), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp_fit(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("full")
+    crop_like_rows(folder, 6_000)
+    run("cropyield", "fit", *DDP_FIT, cwd=folder, env=DDP_ENV)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [True, False], ids=["process_group", "launcher"])
+def test_sigterm_to_a_ddp_fit_saves_the_step_reached_and_resumes_exactly(tmp_path, uninterrupted_ddp_fit, group):
+    crop_like_rows(tmp_path, 6_000)
+    saved = fit_signalled_then_resumed(tmp_path, signal.SIGTERM, *DDP_FIT, env=DDP_ENV, group=group,
+                                       ready=lambda c: c["global_step"] >= 128)  # fmt: skip
+    assert 0 < saved["global_step"] % 750 and saved["global_step"] < 1_500  # in the middle of an epoch
+    full, resumed = (load_regressor(f / "checkpoints" / "last.ckpt") for f in (uninterrupted_ddp_fit, tmp_path))
+    for name in ("linear.weight", "linear.bias", "feature_mean", "feature_std"):
+        assert torch.equal(resumed.state_dict()[name], full.state_dict()[name]), name
+    # Both processes of the resumed run end with those weights (DDP kept them in step).
+    for rank in range(2):
+        weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(weights["weight"], full.linear.weight) and torch.equal(weights["bias"], full.linear.bias)
