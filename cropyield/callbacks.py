@@ -30,7 +30,8 @@ from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.inference import read_checkpoint
 from cropyield.model import BaseRegressor
-from cropyield.reference import QRFactor, max_stable_lr, solve
+from cropyield.reference import QRFactor
+from cropyield.solution import max_stable_lr, solve
 
 
 class ProgressReport(Callback):
@@ -171,6 +172,23 @@ class LongWorkProgressBar(TQDMProgressBar):
     def init_predict_tqdm(self) -> Tqdm:
         return self._delayed(super().init_predict_tqdm)
 
+    def pass_bar(self, pieces: int) -> Tqdm:
+        """A bar for a pass that Lightning's loops do not run (a streamed statistics pass: the data
+        module's for ``standardize``, the closing report's), drawn as the epoch bar is: only once it
+        has lasted ``delay`` seconds. It counts the pieces read (row groups, CSV blocks), with the
+        rows per second; ``advance(rows)`` after each."""
+        return _PassBar(
+            desc="Statistics pass",
+            total=pieces,
+            delay=self.delay,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
     def _delayed(self, make) -> Tqdm:
         # Lightning's bar with its own settings, built as a _DelayedTqdm: a bar built with tqdm's
         # default draws itself at once, before it could be told to wait.
@@ -201,8 +219,12 @@ class LongWorkProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         seconds = time.perf_counter() - self._start
         if trainer.training and self._rows and seconds > 0:
-            metrics["rows/s"] = f"{self._rows / seconds:,.0f}"
+            metrics["rows/s"] = _per_second(self._rows, seconds)
         return metrics
+
+
+def _per_second(rows: int, seconds: float) -> str:
+    return f"{rows / seconds:,.0f}"
 
 
 class _DelayedTqdm(Tqdm):
@@ -216,6 +238,19 @@ class _DelayedTqdm(Tqdm):
             return None
         self.last_print_t = self._time()  # tqdm's close() then draws the final state and a newline
         return super().refresh(*args, **kwargs)
+
+
+class _PassBar(_DelayedTqdm):
+    _rows = 0
+
+    def advance(self, rows: int) -> None:
+        if self.disable:  # another rank's bar: tqdm set nothing else up
+            return
+        self._rows += rows
+        seconds = self._time() - self.start_t
+        if seconds > 0:
+            self.set_postfix({"rows/s": _per_second(self._rows, seconds)}, refresh=False)
+        self.update(1)
 
 
 class RealSteps(Callback):
@@ -573,8 +608,13 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "w", newline="", encoding="utf-8")  # closed in on_predict_end
         self._writer = csv.writer(self._file)
-        spec = getattr(pl_module, "encoding", None)
-        self._encoding = Encoding.from_dict(spec) if spec else Encoding(tuple(pl_module.hparams.feature_names))
+        spec, names = getattr(pl_module, "encoding", None), tuple(pl_module.hparams.feature_names)
+        # The model's encoding (a checkpoint's), else the data's when the model reads its columns (a
+        # model not trained yet), else the model's columns as they are.
+        encoding = Encoding.from_dict(spec) if spec else getattr(trainer.datamodule, "encoding", None)
+        self._encoding = (
+            encoding if isinstance(encoding, Encoding) and encoding.feature_names == names else Encoding(names)
+        )
         self._writer.writerow([*self._encoding.columns, *pl_module.hparams.target_names])
 
     @override

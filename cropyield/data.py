@@ -337,7 +337,9 @@ class CropYieldDataModule(L.LightningDataModule):
         if self._statistics is None:
             if self._source is None:
                 raise RuntimeError("call setup('fit') first")
-            self._statistics = self._source.statistics(*self._rank_and_world())
+            # A pass over files shows the Trainer's bar for long work (the CLI's), if it has one.
+            bar = getattr(self.trainer.progress_bar_callback, "pass_bar", None) if self.trainer else None
+            self._statistics = self._source.statistics(*self._rank_and_world(), progress=bar)
         return self._statistics
 
     @property

@@ -1,8 +1,9 @@
 """The exact least-squares regressor: one Trainer pass into a QR factor, solved at its end, and the
 statistics of that fit (:meth:`LeastSquaresRegressor.summary`, prediction intervals).
 
-The linear algebra lives in :mod:`cropyield.reference` (the factor, the solve, leverages); the
-statistics' formulas in :mod:`cropyield.summary`; this module keeps the state and drives the passes.
+The linear algebra lives in :mod:`cropyield.reference` (the factor) and :mod:`cropyield.solution`
+(the solve, leverages); the statistics' formulas in :mod:`cropyield.summary`; this module keeps
+the state and drives the passes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing_extensions import override
 
 from cropyield.errors import CropYieldError, CropYieldWarning
 from cropyield.model import BaseRegressor
-from cropyield.reference import LeastSquares, QRFactor, float32_fit, scaled_design, solve, whitened
+from cropyield.reference import ONE_INTRA_OP_THREAD, QRFactor
+from cropyield.solution import LeastSquares, float32_fit, solve, whitened
 
 COV_TYPES = ("nonrobust", "HC0", "HC1", "HC2", "HC3")
 _FACTOR_FIELDS = ("count", "shift", "scale", "r", "low", "high")
@@ -195,26 +197,22 @@ class LeastSquaresRegressor(BaseRegressor):
         (HC2) or its square (HC3); summed over the processes."""
         fit = solve(self.factor, fit_intercept=self.hparams.fit_intercept)  # on the raw inputs
         p, kind = self.hparams.in_features, self.hparams.cov_type
-        shift_y, scale_y = self.factor.shift[p:], self.factor.scale[p:]
-        if not fit.fit_intercept:
-            shift_y = torch.zeros_like(shift_y)
         design, coef = fit.design, fit.coef_scaled
-        meat = torch.zeros(len(shift_y), *design.shape, dtype=torch.float64)
+        q = len(design)
+        meat = torch.zeros(coef.shape[1], q, q, dtype=torch.float64)
         dm = self.trainer.datamodule
         loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-        for batch in loader:
-            x, y = move_data_to_device(batch, "cpu")
-            if not len(x):
-                continue
-            rows = scaled_design(self.factor, x, fit.fit_intercept)
-            z = whitened(design, rows)  # [q, rows]
-            residual = (y.double() - shift_y) / scale_y - rows @ coef  # in the scaled targets' units
-            weight = residual.square()
-            if kind in ("HC2", "HC3"):
-                leverage = z.square().sum(0)
-                weight = weight / (1 - leverage)[:, None] ** (1 if kind == "HC2" else 2)
-            for j in range(weight.shape[1]):
-                meat[j] += (z * weight[:, j]) @ z.T
+        with ONE_INTRA_OP_THREAD:  # small operations, as the factor's (see OneIntraOpThread)
+            for batch in loader:
+                x, y = move_data_to_device(batch, "cpu")
+                if not len(x):
+                    continue
+                columns = self.factor.scaled_columns(x, y, origin=not fit.fit_intercept)  # [X̃, 1, Ỹ] by rows
+                z = whitened(design, columns[:q].T)  # [q, rows]
+                weight = (columns[p + 1 :] - coef.T @ columns[:q]).square_()  # residuals², [targets, rows]
+                if kind in ("HC2", "HC3"):
+                    weight /= (1 - z.square().sum(0)) ** (1 if kind == "HC2" else 2)  # the leverages
+                meat += (z * weight[:, None, :]) @ z.T
         return self.trainer.strategy.reduce(meat.to(self.device), reduce_op="sum").cpu()
 
     def summary(self, alpha: float = 0.05):

@@ -50,8 +50,9 @@ class RowSource:
         """Validation, test or prediction batches, in order; this process's share under DDP."""
         raise NotImplementedError
 
-    def statistics(self, rank: int, world: int) -> QRFactor:
-        """The float64 :class:`~cropyield.reference.QRFactor` of the training rows."""
+    def statistics(self, rank: int, world: int, progress=None) -> QRFactor:
+        """The float64 :class:`~cropyield.reference.QRFactor` of the training rows (``progress``:
+        a bar for a pass over files, see :meth:`~cropyield.streaming.StreamSource.statistics`)."""
         raise NotImplementedError
 
     statistics_cost_a_pass = False  # whether :meth:`statistics` reads the files again
@@ -92,7 +93,7 @@ class TableSource(RowSource):
         # which would shift the next training shuffle away from the tutorial's.
         return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=False, generator=torch.Generator())
 
-    def statistics(self, rank: int, world: int) -> QRFactor:
+    def statistics(self, rank: int, world: int, progress=None) -> QRFactor:
         return QRFactor.of_table(self.train, self.num_features)
 
 
@@ -113,5 +114,5 @@ class StreamedSource(RowSource):
     def eval_loader(self, batch_size: int, rank: int, world: int):
         return StreamedRows(self.stream, self.num_features, batch_size, self.part, rank, world)
 
-    def statistics(self, rank: int, world: int) -> QRFactor:
-        return self.stream.statistics(self.num_features, rank, world)
+    def statistics(self, rank: int, world: int, progress=None) -> QRFactor:
+        return self.stream.statistics(self.num_features, rank, world, progress)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from cropyield.errors import CropYieldError
-from cropyield.reference import QRFactor, scaled_design, solve, to_original, whitened
+from cropyield.reference import QRFactor
+from cropyield.solution import scaled_design, solve, to_original, whitened
 
 _FIELDS = ("count", "shift", "scale", "r", "low", "high")
 _LARGE_CONDITION = 1000.0  # statsmodels' threshold for its multicollinearity note
@@ -41,7 +42,7 @@ class _Pieces:
     """The fit's pieces on the raw inputs: factor, solution, covariance maps, degrees of freedom."""
 
     factor: QRFactor
-    fit: object  # reference.LeastSquares
+    fit: object  # solution.LeastSquares
     fit_intercept: bool
     cov_type: str
     meat: torch.Tensor | None

@@ -5,6 +5,7 @@ Run from the repository root (needs the ``bench`` extra: pyarrow, and pandas to 
     python scripts/benchmark.py                       # N = 1e5, 1e6, 1e7 rows on the CPU
     python scripts/benchmark.py --rows 1e6 --device cuda --skip-tutorial
     python scripts/benchmark.py --sections exact streaming   # the exact solver; streaming (bench_exact.py)
+    python scripts/benchmark.py --sections goals              # the exact solver's three figures, side by side
 
 For each N, in a fresh process: the CSV (written by make_data.py, cached in bench-data/) is
 read by cropyield, pyarrow, pandas and numpy.loadtxt, each in its own process; then training at
@@ -190,7 +191,7 @@ def quality(rows: torch.Tensor, f: int, device, epochs: int = 3) -> tuple[float,
     import lightning as L
 
     from cropyield import CropYieldDataModule, CropYieldRegressor
-    from cropyield.reference import solve
+    from cropyield.solution import solve
 
     L.seed_everything(0, verbose=False)
     x, y = rows[:, :f].cpu(), rows[:, f:].cpu()
@@ -324,10 +325,12 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=["training", "exact", "streaming"],
+        choices=["training", "exact", "streaming", "goals"],
         default=["training"],
         help="training: ingest, throughput, the tutorial run (default); exact: the exact solver against "
-        "scikit-learn and numpy at 1e6 and 1e7 rows; streaming: a 1e7-row Parquet folder, and peak RSS on 5e7 rows",
+        "scikit-learn and numpy at 1e6 and 1e7 rows; streaming: a 1e7-row Parquet folder, and peak RSS on 5e7 rows; "
+        "goals: the exact solver's three figures at 1e7 rows (against scikit-learn float64, the streamed pass against "
+        "pyarrow's read, the HC pass's cost), side by side in 3 rounds",
     )
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -336,7 +339,7 @@ def main() -> None:
         print(json.dumps(one(int(args.one), device, args.seconds, args.data_dir, args.skip_ingest)))
         return
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    if "exact" in args.sections or "streaming" in args.sections:
+    if {"exact", "streaming", "goals"} & set(args.sections):
         import bench_exact
 
         print(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}\n")
@@ -344,6 +347,8 @@ def main() -> None:
             bench_exact.exact([1_000_000, 10_000_000], args.data_dir)
         if "streaming" in args.sections:
             bench_exact.streaming(10_000_000, 50_000_000, args.data_dir)
+        if "goals" in args.sections:
+            bench_exact.goals(10_000_000, args.data_dir)
         if "training" not in args.sections:
             return
         print()

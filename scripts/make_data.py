@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cropyield import FEATURE_NAMES, INPUTS, TARGET_NAMES, TARGETS
-from cropyield.reference import least_squares
+from cropyield.solution import least_squares
 
 
 def make(rows: int, features: int = 3, targets: int = 2, noise: float = 1.0, seed: int = 0):

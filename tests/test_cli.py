@@ -403,6 +403,34 @@ def test_a_long_epoch_shows_a_bar_counting_batches_and_metrics_count_optimizer_s
     assert steps == {0: 99, 1: 199}  # as the tutorial's run logs step 2 for its 3-step epoch 0
 
 
+def test_a_long_streamed_statistics_pass_shows_a_bar_and_a_short_one_prints_nothing(tmp_path, capsys):
+    import lightning as L
+
+    from cropyield.callbacks import LongWorkProgressBar, ProgressReport
+
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "d").mkdir()
+    for i in range(4):  # a piece a file
+        x = torch.rand(300, 3, generator=g) * 100
+        write_csv(
+            tmp_path / "d" / f"p{i}.csv",
+            ["temp", "rainfall", "humidity", "apples", "oranges"],
+            torch.cat([x, x @ torch.ones(3, 2)], 1).tolist(),
+        )
+    for delay in (0, 3):  # 3 s: the CLI's; this pass takes milliseconds
+        dm = CropYieldDataModule(data_path=tmp_path / "d", streaming=True, standardize=True, batch_size=50)
+        bars = [LongWorkProgressBar(delay=delay), ProgressReport()]
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, callbacks=bars)  # fmt: skip
+        trainer.fit(CropYieldRegressor(standardize=True, lr=0.01), dm)
+        out = capsys.readouterr().out
+        if delay == 0:  # one pass (setup's, for standardize; the closing report reuses it)
+            assert re.search(r"Statistics pass: 100%\|\| 4/4 \[[^]]*, rows/s=[\d,]+\]", out.replace("█", "")), out
+            assert out.count("Statistics pass:   0%") == 1  # one bar started
+        else:
+            assert "Statistics pass" not in out and "Final training MSE" in out
+
+
 @pytest.fixture
 def argv(monkeypatch):
     """In-process CLI calls: sys.argv holds only the program, as under the console script."""

@@ -5,11 +5,20 @@ import os
 import re
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from cropyield import FEATURE_NAMES, INPUTS, TARGET_NAMES, load_regressor, predict
+from cropyield import (
+    FEATURE_NAMES,
+    INPUTS,
+    TARGET_NAMES,
+    CropYieldDataModule,
+    LeastSquaresRegressor,
+    load_regressor,
+    predict,
+)
 from cropyield.files import read_table
 
 from .conftest import run, write_csv
@@ -54,10 +63,10 @@ def test_ddp_on_two_cpu_processes(tmp_path, fast_path):
 
 
 @pytest.mark.slow
-def test_exact_solver_under_ddp_reads_every_row_once_and_matches_statsmodels(tmp_path):
+def test_exact_solver_under_ddp_reads_every_row_once_and_matches_statsmodels(tmp_path, quiet):
     import statsmodels.api as sm
 
-    from .test_exact import assert_matches, expected_summary
+    from .test_exact import assert_matches, assert_same_summary, expected_summary
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1001, 3, generator=g) * 10 + 50  # an odd count: the ranks' shares differ
@@ -92,6 +101,11 @@ def test_exact_solver_under_ddp_reads_every_row_once_and_matches_statsmodels(tmp
                              cwd=tmp_path / "ddp").stdout)  # fmt: skip
     assert_matches(summary, expected_summary(x, y, "HC1"), rel=1e-9)
     assert sm  # statsmodels computed the reference above
+    # The one-process in-memory fit of the same file: the same summary to rounding.
+    dm = CropYieldDataModule(data_path=tmp_path / "d.csv", batch_size=64, shuffle=False)
+    in_memory = LeastSquaresRegressor(feature_names=FEATURE_NAMES, target_names=TARGET_NAMES, cov_type="HC1")
+    L.Trainer(max_epochs=1, **quiet).fit(in_memory, dm)
+    assert_same_summary(summary, in_memory.summary().to_dict())
 
 
 @pytest.mark.slow

@@ -275,6 +275,24 @@ def test_cli_predict_and_validate_from_a_checkpoint_use_its_levels(crops, tmp_pa
     assert re.search(r"val/r2\s+0\.99", result.stdout), result.stdout
 
 
+def test_the_prediction_writer_writes_the_raw_columns_of_a_model_not_trained_yet(tmp_path, quiet):
+    from cropyield import CropYieldRegressor
+    from cropyield.callbacks import CSVPredictionWriter
+
+    path = tmp_path / "d.csv"
+    items = ["b", '"a, c"']
+    path.write_text("Item,x,y\n" + "".join(f"{items[i % 2]},{i / 4},{i % 3}\n" for i in range(6)))
+    dm = CropYieldDataModule(data_path=str(path), target_names=["y"])
+    model = CropYieldRegressor(in_features=None, out_features=1, target_names=["y"])  # sized in setup
+    trainer = L.Trainer(callbacks=[CSVPredictionWriter(str(tmp_path / "p.csv"))], **quiet)
+    preds = torch.cat(trainer.predict(model, dm))
+    with open(tmp_path / "p.csv", newline="") as f:
+        written = list(csv.reader(f))
+    assert written[0] == ["Item", "x", "y"] and model.hparams.feature_names == ["Item[T.b]", "x"]
+    assert [row[:2] for row in written[1:]] == [[["b", "a, c"][i % 2], str(i / 4).removesuffix(".0")] for i in range(6)]
+    assert [float(row[2]) for row in written[1:]] == preds[:, 0].tolist()
+
+
 def test_given_levels_are_used_as_given(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("Item,x,y\n" + "".join(f"{'ab'[i % 2]},{i},{i % 3}\n" for i in range(20)))

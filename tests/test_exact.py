@@ -138,16 +138,25 @@ def statsmodels_dict(x: np.ndarray, y: np.ndarray, cov_type: str, alpha: float, 
     }  # fmt: skip
 
 
-def assert_matches(got: dict, expected: dict, rel: float = 1e-7) -> None:
-    """Every number of ``got`` within ``rel`` of ``expected`` (the same keys, recursively)."""
+def assert_matches(got: dict, expected: dict, rel: float = 1e-7, rel_p: float | None = None) -> None:
+    """Every number of ``got`` within ``rel`` of ``expected`` (the same keys, recursively); the
+    p-values within ``rel_p`` (default ``rel``): a far tail's relative error is ``t²`` times ``t``'s."""
     assert set(got) == set(expected), (set(got), set(expected))
     for key, value in expected.items():
         if isinstance(value, dict):
-            assert_matches(got[key], value, rel)
+            assert_matches(got[key], value, rel, rel_p)
         elif isinstance(value, str):
             assert got[key] == value
         else:
-            assert math.isclose(got[key], value, rel_tol=rel, abs_tol=0), (key, got[key], value)
+            tol = rel_p if rel_p is not None and key in ("p", "f_pvalue") else rel
+            assert math.isclose(got[key], value, rel_tol=tol, abs_tol=0), (key, got[key], value)
+
+
+def assert_same_summary(got: dict, in_memory: dict) -> None:
+    """A summary of the same rows, accumulated in other blocks (files, processes), equals the
+    in-memory fit's to rounding: 1e-10 relative (p-values 1e-8)."""
+    assert got["nobs"] == in_memory["nobs"] and got["df_resid"] == in_memory["df_resid"]
+    assert_matches(got, in_memory, rel=1e-10, rel_p=1e-8)
 
 
 def expected_summary(x, y, cov_type, alpha=0.05, fit_intercept=True) -> dict:
@@ -311,4 +320,8 @@ def test_streamed_folder_summary_equals_statsmodels(quiet, tmp_path):
                        row_group_size=700)  # fmt: skip
     dm = CropYieldDataModule(data_path=tmp_path / "d", streaming=True, batch_size=500)
     model, _ = exact_fit_and_trainer(dm, quiet, cov_type="HC3")
-    assert_matches(model.summary().to_dict(), expected_summary(x, y, "HC3"))
+    streamed = model.summary().to_dict()
+    assert_matches(streamed, expected_summary(x, y, "HC3"))
+    # The same rows in memory, in other blocks: the same summary to rounding.
+    in_memory = exact_fit(CropYieldDataModule.from_tensors(x, y, batch_size=4096, shuffle=False), quiet, cov_type="HC3")
+    assert_same_summary(streamed, in_memory.summary().to_dict())

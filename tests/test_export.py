@@ -1,4 +1,4 @@
-"""JSON and ONNX exports reproduce the checkpoint's predictions."""
+"""JSON and ONNX exports hold the checkpoint's tensors and reproduce its predictions."""
 
 import json
 
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cropyield import INPUTS, CropYieldDataModule, CropYieldRegressor, load_regressor
+from cropyield import INPUTS, CropYieldDataModule, CropYieldRegressor
 from cropyield.export import JsonPredictor, export_json, export_onnx
 
 from .conftest import assert_one_line_error, run
+from .test_routes import reference
 
 
 @pytest.fixture(params=[False, True], ids=["raw", "standardized"])
@@ -23,29 +24,60 @@ def checkpoint(request, tmp_path, quiet):
     return tmp_path / "m.ckpt"
 
 
-def expected(checkpoint, rows):
-    with torch.no_grad():
-        return load_regressor(checkpoint)(torch.as_tensor(rows, dtype=torch.float32)).numpy()
-
-
 ROWS = np.concatenate([INPUTS.numpy(), [[75, 63, 44], [0, 0, 0], [200, 10, 90]]]).astype(np.float32)
 
 
-def test_json_export_predicts_with_numpy_alone(checkpoint, tmp_path):
+def saved_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's weight, bias and scaler as an export must hold them (the identity scaler,
+    zeros and ones, for a model that does not standardize)."""
+    saved = torch.load(checkpoint, weights_only=True)
+    state = saved["state_dict"]
+    tensors = {"weight": state["linear.weight"], "bias": state["linear.bias"]}
+    if saved["hyper_parameters"]["standardize"]:
+        tensors |= {"feature_mean": state["feature_mean"], "feature_std": state["feature_std"]}
+    else:
+        tensors |= {"feature_mean": torch.zeros(3), "feature_std": torch.ones(3)}
+    return tensors
+
+
+def assert_predicts_what_the_checkpoint_holds(got: np.ndarray, checkpoint, rows: np.ndarray) -> None:
+    expected, bound = reference(checkpoint, torch.from_numpy(rows))  # float64, from the tensors alone
+    error = (torch.from_numpy(got).double() - expected).abs()
+    assert got.dtype == np.float32 and got.shape == (len(rows), 2) and (error <= bound).all(), (error / bound).max()
+
+
+def test_json_export_holds_the_checkpoints_tensors_and_predicts_with_numpy_alone(checkpoint, tmp_path):
     export_json(checkpoint, tmp_path / "m.json")
     spec = json.loads((tmp_path / "m.json").read_text())
     assert spec["feature_names"] == ["temp", "rainfall", "humidity"] and spec["target_names"] == ["apples", "oranges"]
+    for name, tensor in saved_tensors(checkpoint).items():  # every float32 digit, through the JSON text
+        assert torch.equal(torch.tensor(spec[name], dtype=torch.float32), tensor), name
     predictor = JsonPredictor.load(tmp_path / "m.json")
-    np.testing.assert_allclose(predictor.predict(ROWS), expected(checkpoint, ROWS), atol=1e-4, rtol=1e-6)
+    assert_predicts_what_the_checkpoint_holds(predictor.predict(ROWS), checkpoint, ROWS)
+
+
+def test_onnx_graph_holds_the_checkpoints_tensors(checkpoint, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    export_onnx(checkpoint, tmp_path / "m.onnx")
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [node.op_type for node in graph.node] == ["Sub", "Div", "Gemm"]
+    held = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in graph.initializer}
+    expected = saved_tensors(checkpoint)
+    assert sorted(held) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(held[name], tensor), name
 
 
 @pytest.mark.parametrize("batch", [1, 7, 18])
 def test_onnx_export_runs_in_onnxruntime_for_any_batch_size(checkpoint, tmp_path, batch):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     export_onnx(checkpoint, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     got = session.run(None, {"features": ROWS[:batch]})[0]
-    np.testing.assert_allclose(got, expected(checkpoint, ROWS[:batch]), atol=1e-4, rtol=1e-6)
+    assert_predicts_what_the_checkpoint_holds(got, checkpoint, ROWS[:batch])
 
 
 def test_export_command_and_its_errors(checkpoint, tmp_path):

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from cropyield import INPUTS, TARGETS
-from cropyield.reference import QRFactor, least_squares, max_stable_lr, solve
+from cropyield.reference import QRFactor
+from cropyield.solution import least_squares, max_stable_lr, solve
 
 
 def test_least_squares_recovers_a_known_linear_model():

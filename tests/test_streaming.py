@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from cropyield import CropYieldDataModule, CropYieldError, CropYieldRegressor, LeastSquaresRegressor, load_regressor
 from cropyield.batches import Chunk, Chunks, EpochPermutation, GatheredBatches
 from cropyield.files import data_files, list_pieces, read_table
-from cropyield.reference import solve
+from cropyield.solution import solve
 from cropyield.streaming import StreamedBatches, StreamSource, held_out
 
 from .conftest import BIN, assert_one_line_error, run, write_csv
