@@ -6,6 +6,7 @@ import contextlib
 import csv
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from cropyield import storage
 from cropyield.batches import Chunk, Chunks
 from cropyield.encoding import Encoding
 from cropyield.errors import CropYieldError, CropYieldWarning
@@ -437,6 +439,24 @@ class CropYieldCheckpoint(ModelCheckpoint):
         return (
             f"the earlier run's checkpoints ({', '.join(names)}) are kept in {str(self.dirpath).rstrip('/')}/{target}/"
         )
+
+    @override
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        # Lightning lists a URL's folder with the filesystem of the dirpath given at construction
+        # (local, when the CLI fills it in later) and returns the listing without its scheme
+        # (bucket/key), so `--ckpt_path last` on a bucket silently started over.
+        if not self.dirpath or not storage.is_url(str(self.dirpath)):
+            return super()._find_last_checkpoints(trainer)
+        import fsspec
+
+        fs, folder = fsspec.core.url_to_fs(str(self.dirpath))
+        fs.invalidate_cache(folder)
+        last = re.compile(rf"{re.escape(self.CHECKPOINT_NAME_LAST)}(-\d+)?{re.escape(self.FILE_EXTENSION)}")
+        try:
+            names = [path.rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return set()
+        return {f"{str(self.dirpath).rstrip('/')}/{name}" for name in names if last.fullmatch(name)}
 
     def _stop_asked(self, trainer: L.Trainer) -> bool:
         if trainer.world_size < 2 or not torch.distributed.is_initialized():

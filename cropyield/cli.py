@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -49,7 +50,7 @@ from cropyield.callbacks import (
 )
 from cropyield.checkpoint_io import AtomicCheckpointIO
 from cropyield.data import CropYieldDataModule
-from cropyield.errors import CropYieldError, one_line_warnings
+from cropyield.errors import CropYieldError, CropYieldWarning, one_line_warnings
 from cropyield.inference import _spec, read_checkpoint
 from cropyield.model import BaseRegressor
 from cropyield.storage import is_url, location
@@ -194,6 +195,8 @@ class CropYieldCLI(LightningCLI):
             raise CropYieldError(
                 (f"--trainer.{named[0]}: " if named else "invalid Trainer arguments: ") + message
             ) from None
+        if self.config.get("subcommand") == "fit":
+            _warn_if_restarts_share_a_store()
         # Set before fit starts: `fit(ckpt_path="last")` looks only in the dirpath known by then.
         for callback in trainer.checkpoint_callbacks:
             if callback.dirpath is None:
@@ -207,6 +210,25 @@ class CropYieldCLI(LightningCLI):
                 if isinstance(callback, CropYieldCheckpoint):
                     callback.keep_earlier, callback.resuming = not resuming, resuming
         return trainer
+
+
+def _warn_if_restarts_share_a_store() -> None:
+    """Under ``torchrun --max-restarts N`` whose agent shares its store with the workers (always with
+    the static rendezvous of ``--master-port``, by default with ``--rdzv-backend c10d``), every attempt
+    uses the same store with the same keys: a restarted group reads the failed group's addresses
+    there and its process group dials dead processes (measured: gloo's "Connection refused", or a
+    hang). Said once, by rank 0 of the first attempt, before anything is trained."""
+    env = os.environ
+    if env.get("RANK", "0") != "0" or env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
+        warnings.warn(
+            "torchrun --max-restarts keeps one store for every attempt, so a restarted group would read the "
+            "failed one's addresses and fail to connect; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "torchrun --rdzv-backend c10d --rdzv-endpoint HOST:PORT ... (docs/cluster.md)",
+            CropYieldWarning,
+            stacklevel=2,
+        )
 
 
 def _default_loggers(root: str) -> list:

@@ -19,10 +19,11 @@ from .test_streaming import write_folder
 
 pytestmark = pytest.mark.slow
 
-# Streamed SGD over 8 row groups, checkpoints every 4 steps (mid-epoch), 2 epochs.
+# Streamed SGD over 8 row groups, checkpoints every 4 steps (mid-epoch), 2 epochs of 10 steps a process. One
+# step a call: by default one call trains a whole epoch here, and a step checkpoint is written only where a call ends.
 SGD = ["--data.streaming", "true", "--data.batch_size", "20", "--data.shuffle_buffer", "100",
        "--data.standardize", "true", "--model.lr", "0.05", "--trainer.max_epochs", "2",
-       "--checkpoint.every_n_train_steps", "4"]  # fmt: skip
+       "--checkpoint.every_n_train_steps", "4", "--data.steps_per_call", "1"]  # fmt: skip
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"]
 ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT_DIR), os.environ.get("PYTHONPATH")]))}
 
@@ -146,4 +147,33 @@ def test_a_lost_node_ends_the_survivor_within_the_timeout_and_a_relaunch_resumes
     assert len(lost) == 1, err
     results = finish(launch_nodes(tmp_path / "again", free_port(), *args, "--ckpt_path", "last"))
     assert [rc for rc, _, _ in results] == [0, 0], results
+    restored = f"Restoring states from the checkpoint path at {root}/checkpoints/last.ckpt"
+    assert restored in results[0][1] + results[0][2], results  # from step 4's checkpoint, not from scratch
     assert same_weights(load_regressor(f"{root}/checkpoints/last.ckpt"), reference)
+
+
+def test_torchrun_restarts_a_group_whose_worker_was_killed_and_it_resumes_exactly(tmp_path, data):
+    name, url, _, reference = data
+    root = f"s3://{name}/restarted"
+    # A store of its own for each attempt: torchrun's shared one keeps the failed group's addresses.
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    result = run("torchrun", "--nnodes", 1, "--nproc-per-node", 2, "--max-restarts", 1, "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"127.0.0.1:{free_port()}", BIN / "cropyield", "fit", "--trainer.devices", 2,
+                 *DDP, "--data.data_path", url, *SGD, "--trainer.default_root_dir", root, "--ckpt_path", "last",
+                 "--ddp_timeout", "30", "--trainer.callbacks+=tests.node_helpers.StopAt",
+                 "--trainer.callbacks.step=6", "--trainer.callbacks.action=kill",
+                 cwd=tmp_path, env=env, timeout=240)  # fmt: skip
+    assert (tmp_path / "killed").read_text() == "6"  # rank 1 was killed mid-epoch, in the first attempt
+    output = result.stdout + result.stderr
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in output  # no warning: each attempt has a store of its own
+    assert f"Restoring states from the checkpoint path at {root}/checkpoints/last.ckpt" in output, output
+    assert same_weights(load_regressor(f"{root}/checkpoints/last.ckpt"), reference)
+
+
+def test_torchrun_restarts_sharing_one_store_are_warned_about_before_training(tmp_path):
+    port = free_port()
+    result = run("torchrun", "--nnodes", 1, "--nproc-per-node", 1, "--max-restarts", 1, "--master-port", port,
+                 BIN / "cropyield", "fit", "--trainer.devices", 1, *DDP, "--trainer.max_epochs", 1,
+                 cwd=tmp_path, env=ENV, timeout=240)  # fmt: skip
+    warned = [line for line in result.stderr.splitlines() if "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in line]
+    assert len(warned) == 1 and warned[0].startswith("cropyield: warning: torchrun --max-restarts"), result.stderr

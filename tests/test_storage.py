@@ -183,6 +183,8 @@ def test_a_fit_on_s3_keeps_checkpoints_and_logs_there_and_resumes_from_its_last(
     result = run("cropyield", "fit", "--trainer.default_root_dir", root, "--trainer.max_epochs", 6,
                  "--ckpt_path", "last", cwd=work)  # fmt: skip
     assert list(work.iterdir()) == []
+    # Resumed from the bucket's last.ckpt (a fit started over would end with the same weights).
+    assert f"Restoring states from the checkpoint path at {root}/checkpoints/last.ckpt" in result.stdout + result.stderr
     run("cropyield", "fit", "--trainer.max_epochs", 6, cwd=local)  # the same 6 epochs, uninterrupted
     resumed, uninterrupted = (
         load_regressor(f"{root}/checkpoints/last.ckpt"),
@@ -232,6 +234,7 @@ def test_a_fresh_fit_on_s3_keeps_the_earlier_runs_checkpoints_under_its_version(
     result = run("cropyield", "fit", "--trainer.default_root_dir", root, "--trainer.max_epochs", 3,
                  "--ckpt_path", "last", cwd=tmp_path)  # fmt: skip
     assert "kept in" not in result.stdout
+    assert f"Restoring states from the checkpoint path at {root}/checkpoints/last.ckpt" in result.stdout + result.stderr
     names = ("best-epoch002.ckpt", "last.ckpt")
     assert _objects(f"{root}/checkpoints") == sorted(
         f"{folder}/{n}" for folder in (kept, f"{root}/checkpoints") for n in names
