@@ -41,13 +41,8 @@ from cropyield.arguments import (
     saved_model,
     shipped_config,
 )
-from cropyield.callbacks import (
-    CropYieldCheckpoint,
-    CSVPredictionWriter,
-    LongWorkProgressBar,
-    ProgressReport,
-    interruption,
-)
+from cropyield.callbacks import CSVPredictionWriter, LongWorkProgressBar, ProgressReport
+from cropyield.checkpoint import CropYieldCheckpoint, interruption
 from cropyield.checkpoint_io import AtomicCheckpointIO
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError, CropYieldWarning, one_line_warnings
