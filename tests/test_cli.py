@@ -307,7 +307,8 @@ def test_file_with_seven_features_and_three_targets_needs_no_model_flags(tmp_pat
     # A model that does not fit the data: one line naming both column lists, nothing written.
     (tmp_path / "predictions.csv").unlink()
     result = run("cropyield", "predict", "--ckpt_path", "checkpoints/last.ckpt", cwd=tmp_path, check_rc=None)
-    assert_one_line_error(result, "missing column(s) ['t0', 't1', 't2']", "'temp', 'rainfall'", "features ['x0', 'x1'")
+    # Prediction needs the features only: those are what is named missing, not the targets.
+    assert_one_line_error(result, "missing column(s) ['x0', 'x1', 'x2', 'x3', 'x4', 'x5', 'x6']", "'temp', 'rainfall'")
     assert not (tmp_path / "predictions.csv").exists()
 
 
