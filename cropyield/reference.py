@@ -52,22 +52,36 @@ class OneIntraOpThread:
 
 
 ONE_INTRA_OP_THREAD = OneIntraOpThread()
-_WORKSPACES = threading.local()  # one float64 work buffer per thread, reused by every update
+_WORKSPACES = threading.local()  # float64 work buffers per thread, reused by every update
 
 
-def _workspace(rows: int, columns: int, device: torch.device) -> torch.Tensor:
-    """A float64 ``[rows, columns]`` work buffer, kept between updates (allocating and first
-    touching 6 MB for every batch of 131,072 rows measured a tenth of the update)."""
-    buffer = getattr(_WORKSPACES, "buffer", None)
-    if buffer is None or buffer.shape[0] != rows or buffer.shape[1] < columns or buffer.device != device:
-        buffer = torch.empty(rows, columns, dtype=_F64, device=device)
-        _WORKSPACES.buffer = buffer
-    return buffer[:, :columns]
+def _workspace(name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A float64 work buffer of ``shape`` (its first dimension may be shorter than the buffer's),
+    kept between updates: allocating and first touching 6 MB for every batch of 131,072 rows
+    measured a tenth of the update, and far more where the allocator maps fresh pages each time."""
+    buffer = getattr(_WORKSPACES, name, None)
+    if buffer is None or buffer.shape[1:] != shape[1:] or buffer.shape[0] < shape[0] or buffer.device != device:
+        buffer = torch.empty(shape, dtype=_F64, device=device)
+        setattr(_WORKSPACES, name, buffer)
+    return buffer[: shape[0]]
+
+
+def _extremes(blocks: tuple[torch.Tensor, ...], work: torch.Tensor, n: int, data: list[int]) -> torch.Tensor:
+    """``[2, data columns]``: each column's least and greatest value in ``blocks``, from the blocks
+    where each of their columns is contiguous (half the bytes of ``work``, read in order: a third
+    of the time), else from ``work``, ``[chunks, k, size]`` holding the ``n`` rows."""
+    if all(block.stride(0) == 1 or len(block) == 1 for block in blocks):
+        return torch.cat([torch.stack([block.amin(0), block.amax(0)]) for block in blocks], 1).to(_F64)
+    full, rest = divmod(n, work.shape[2])
+    if rest:  # the last chunk's unused rows, a copy of a row until they are zeroed
+        work[full, :, rest:] = work[0, :, :1]
+    return torch.stack([work.amin((0, 2)), work.amax((0, 2))])[:, data]
 
 
 def _standardize_(rows: torch.Tensor, data: list[int], shift: torch.Tensor, scale: torch.Tensor) -> None:
-    """``(z - shift) / scale`` in place on the rows ``data`` of ``rows``; the column of ones stays 1."""
-    shifts = torch.zeros(len(rows), 1, dtype=_F64, device=rows.device)
+    """``(z - shift) / scale`` in place on the factor columns ``data`` of ``rows`` (``[..., columns,
+    rows]``); the column of ones stays 1."""
+    shifts = torch.zeros(rows.shape[-2], 1, dtype=_F64, device=rows.device)
     inverse = torch.ones_like(shifts)
     shifts[data, 0], inverse[data, 0] = shift, 1 / scale
     rows.sub_(shifts).mul_(inverse)
@@ -142,28 +156,30 @@ class QRFactor:
         p, width = self.num_features, len(self.shift)
         k = width + 1
         size = min(n, _CHUNK)
-        chunks = -(-n // size)
-        # The rows as float64 columns [X, 1, Y], row-major over the chunks: each chunk of `size`
-        # rows is a [size, k] matrix in LAPACK's column-major layout, and each step below is one
-        # operation over all the rows.
-        work = self._copied(blocks, chunks * size)
-        rows = work[:, :n]
+        full, rest = divmod(n, size)
+        # The rows as float64 columns [X, 1, Y] in chunks of `size` rows, each chunk a [size, k]
+        # matrix in LAPACK's column-major layout, so that one call factors every chunk in place.
+        work = self._chunks(blocks, n, size)  # [chunks, k, size]
         data = self.columns
-        extremes = torch.stack([rows.amin(1), rows.amax(1)])[:, data]  # the raw values', on the contiguous copy
+        extremes = _extremes(blocks, work, n, data)  # the raw values'
         low, high = torch.minimum(self.low, extremes[0]), torch.maximum(self.high, extremes[1])
         shift, scale = self.shift, self.scale
         if float(self.count) == 0:
             # Summed down the rows of a row-major copy: summed in another order, the scale's last bit
             # moved and Wampler5's digits with it (6.2 to 5.9; its bound is 6).
-            first = rows[data].T.contiguous()
+            first = work.transpose(1, 2).reshape(-1, k)[:n, data]
             shift = first.mean(0) if center else torch.zeros_like(self.shift)
             if center:  # a column constant in the block is shifted to exactly 0 by its own value
                 shift = torch.where(extremes[0] == extremes[1], first[0], shift)
             spread = (first - shift).square().mean(0).sqrt()
             scale = torch.where((spread > 0) & torch.isfinite(spread), spread, torch.ones_like(spread))
-        _standardize_(rows, data, shift, scale)
-        work[:, n:] = 0  # the last chunk's unused rows add nothing to the factor
-        rs = torch.linalg.qr(work.view(k, chunks, size).permute(1, 2, 0), mode="r").R  # [chunks, k, k]
+        _standardize_(work, data, shift, scale)
+        if rest:
+            work[full, :, rest:] = 0  # adds nothing to the factor
+        chunks = work.transpose(1, 2)  # [chunks, size, k], column-major: factored in place
+        tau = torch.empty(len(chunks), min(size, k), dtype=_F64, device=work.device)
+        torch.geqrf(chunks, out=(chunks, tau))
+        rs = chunks[:, : min(size, k)].triu()  # each chunk's R
         r = torch.linalg.qr(torch.cat([self.r, rs.reshape(-1, k)]), mode="r").R
         factor = QRFactor(p, self.count + n, shift, scale, r, low, high)
         before = int(self.count)
@@ -173,11 +189,30 @@ class QRFactor:
             factor = factor.recentred()
         return factor
 
+    def _chunks(self, blocks: tuple[torch.Tensor, ...], n: int, size: int) -> torch.Tensor:
+        """The work buffer ``[chunks, k, size]`` with the blocks' rows as float64 factor columns
+        ``[X, 1, Y]``: chunk ``i`` holds rows ``i × size`` on (the last chunk's tail is left as it was)."""
+        p, k = self.num_features, len(self.shift) + 1
+        full, rest = divmod(n, size)
+        work = _workspace("chunks", (full + (rest > 0), k, size), blocks[0].device)
+        work[:, p] = 1
+        column = 0
+        for block in blocks:  # converted and transposed in one pass
+            for lo, hi in ((column, min(column + block.shape[1], p)), (max(column, p), column + block.shape[1])):
+                if lo < hi:
+                    into, values = slice(lo + (lo >= p), hi + (lo >= p)), block[:, lo - column : hi - column]
+                    if full:
+                        work[:full, into].copy_(values[: full * size].unflatten(0, (full, size)).transpose(1, 2))
+                    if rest:
+                        work[full, into, :rest].copy_(values[full * size :].T)
+            column += block.shape[1]
+        return work
+
     def _copied(self, blocks: tuple[torch.Tensor, ...], length: int) -> torch.Tensor:
         """The work buffer ``[columns, length]`` with the blocks' rows (data columns from the first,
         at least the features) in its first columns, as float64 factor columns ``[X, 1, Y]``."""
         p, width = self.num_features, sum(block.shape[1] for block in blocks)
-        work = _workspace(len(self.shift) + 1, length, blocks[0].device)[: width + 1]
+        work = _workspace("columns", (len(self.shift) + 1, length), blocks[0].device)[: width + 1]
         rows = work[:, : len(blocks[0])]
         rows[p] = 1
         column = 0

@@ -5,7 +5,8 @@ A data set is a list of pieces (Parquet row groups, blocks of CSV lines; see
 
 1. the pieces are shuffled and dealt to the processes, each to the one holding the fewest rows
    so far, so every process reads a disjoint part of the data;
-2. each process reads its pieces in that order, a background thread keeping two pieces ahead;
+2. each process reads its pieces in that order, a background thread reading ahead (one piece,
+   two for the exact solver);
 3. its rows are cut into windows of ``shuffle_buffer`` rows (a multiple of the batch size), and
    each window is permuted, with a generator seeded by ``(seed, epoch, rank, window)``, then
    served in batches.
@@ -183,7 +184,7 @@ class StreamSource:
         local = QRFactor.empty(num_features, len(self.columns) - num_features)
         bar = progress(len(mine)) if progress is not None else None
         try:
-            for rows in read_ahead(mine, self.read):
+            for rows in read_ahead(mine, self.read, depth=2):
                 local = local.update(torch.from_numpy(rows))
                 if bar is not None:
                     bar.advance(len(rows))
@@ -320,7 +321,7 @@ class StreamedBatches(Resumable):
         while first < len(mine) and passed + per_piece[first] <= skip:  # pieces a resumed run has done
             passed += per_piece[first]
             first += 1
-        stream = read_ahead(mine[first:], self.source.read)
+        stream = read_ahead(mine[first:], self.source.read, depth=2)
         try:
             for rows in stream:
                 batches = list(torch.from_numpy(rows).split(size))[skip - passed if skip > passed else 0 :]
@@ -329,9 +330,11 @@ class StreamedBatches(Resumable):
                     # The last batch a copy: Lightning holds the current batch and one fetched ahead,
                     # so a view would keep the whole piece alive while the next one is read. The
                     # others stay views (copying each measured a fifth of the pass; the solver
-                    # copies the rows into its own float64 columns anyway).
+                    # copies the rows into its own float64 columns anyway). Copied by numpy: a
+                    # tensor copy this size runs on two intra-op threads, and with the reader on
+                    # the other core the main thread spun at OpenMP's barrier (a tenth of the CPU).
                     batch = batches.pop(0)
-                    batch = batch if batches else batch.clone()
+                    batch = batch if batches else torch.from_numpy(batch.numpy().copy())
                     self._yielded += 1
                     yield batch[:, :f], batch[:, f:]
                 skip = passed = 0

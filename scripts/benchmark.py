@@ -330,7 +330,7 @@ def main() -> None:
         help="training: ingest, throughput, the tutorial run (default); exact: the exact solver against "
         "scikit-learn and numpy at 1e6 and 1e7 rows; streaming: a 1e7-row Parquet folder, and peak RSS on 5e7 rows; "
         "goals: the exact solver's three figures at 1e7 rows (against scikit-learn float64, the streamed pass against "
-        "pyarrow's read, the HC pass's cost), side by side in 3 rounds",
+        "pyarrow's read, the HC pass's cost), side by side in 5 rounds",
     )
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
