@@ -434,3 +434,17 @@ def test_exact_reads_of_float32_parquet_stay_float32_and_give_the_float64_factor
     got = source.statistics(3)
     for name in ("count", "shift", "scale", "r", "low", "high"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_streamed_piece_with_a_nan_or_infinite_value_names_its_row_and_column(tmp_path, bad):
+    from cropyield.files import read_piece
+
+    rows = table(600, seed=5)
+    rows[437, 2] = bad  # in the second row group (250 rows each), column 'humidity'
+    pq.write_table(pa.table(dict(zip(COLUMNS, rows.T, strict=True))), tmp_path / "d.parquet", row_group_size=250)
+    pieces = list_pieces([tmp_path / "d.parquet"], COLUMNS)
+    for order, dtype in (("C", np.float32), ("F", np.float64)):
+        assert np.array_equal(read_piece(pieces[0], COLUMNS, dtype, order), rows[:250].astype(dtype))
+        with pytest.raises(CropYieldError, match=r"d\.parquet, row 438, column 'humidity': value is empty, NaN"):
+            read_piece(pieces[1], COLUMNS, dtype, order, keep_float32=order == "F")
