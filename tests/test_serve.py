@@ -144,6 +144,14 @@ class Server:
             time.sleep(0.2)
         raise AssertionError(f"the server did not become healthy in {seconds} s:\n{self.log.read_text()}")
 
+    def wait_started(self, workers: int, seconds: float = 120) -> None:
+        """Until every worker has finished starting (each logs it): health answers once one has, and a
+        signal to the group while another is still importing torch interrupts that import instead."""
+        deadline = time.monotonic() + seconds
+        while self.log.read_text().count("Application startup complete.") < workers:
+            assert time.monotonic() < deadline, f"{workers} workers not started in {seconds} s:\n{self.log.read_text()}"
+            time.sleep(0.1)
+
     def post(self, data, content_type=JSON) -> tuple[int, dict]:
         raw = data if isinstance(data, bytes) else json.dumps(data).encode()
         status, answer = request(self.port, "POST", "/predict", raw, content_type)
@@ -346,6 +354,7 @@ def test_a_signal_answers_every_request_in_flight_then_stops_every_process(check
     raw, want = body(rows), expected(checkpoint, rows)
     server = Server(checkpoint, tmp_path / "server.log", "--workers", workers)
     try:
+        server.wait_started(workers)
         assert len(group_processes(server.process.pid)) >= 1 + workers * (workers > 1)
         sent = [threading.Event() for _ in range(clients)]
         answers = [None] * clients
