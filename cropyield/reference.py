@@ -192,21 +192,27 @@ class QRFactor:
     def _chunks(self, blocks: tuple[torch.Tensor, ...], n: int, size: int) -> torch.Tensor:
         """The work buffer ``[chunks, k, size]`` with the blocks' rows as float64 factor columns
         ``[X, 1, Y]``: chunk ``i`` holds rows ``i × size`` on (the last chunk's tail is left as it was)."""
-        p, k = self.num_features, len(self.shift) + 1
+        k = len(self.shift) + 1
         full, rest = divmod(n, size)
         work = _workspace("chunks", (full + (rest > 0), k, size), blocks[0].device)
-        work[:, p] = 1
-        column = 0
-        for block in blocks:  # converted and transposed in one pass
-            for lo, hi in ((column, min(column + block.shape[1], p)), (max(column, p), column + block.shape[1])):
-                if lo < hi:
-                    into, values = slice(lo + (lo >= p), hi + (lo >= p)), block[:, lo - column : hi - column]
-                    if full:
-                        work[:full, into].copy_(values[: full * size].unflatten(0, (full, size)).transpose(1, 2))
-                    if rest:
-                        work[full, into, :rest].copy_(values[full * size :].T)
-            column += block.shape[1]
+        work[:, self.num_features] = 1
+        for into, values in self._spans(blocks):  # converted and transposed in one pass
+            if full:
+                work[:full, into].copy_(values[: full * size].unflatten(0, (full, size)).transpose(1, 2))
+            if rest:
+                work[full, into, :rest].copy_(values[full * size :].T)
         return work
+
+    def _spans(self, blocks: tuple[torch.Tensor, ...]):
+        """Each run of the blocks' data columns with the factor columns it fills (past the column of
+        ones): ``(slice of factor columns, values [rows, columns])``."""
+        p, column = self.num_features, 0
+        for block in blocks:
+            width = block.shape[1]
+            for lo, hi in ((column, min(column + width, p)), (max(column, p), column + width)):
+                if lo < hi:
+                    yield slice(lo + (lo >= p), hi + (lo >= p)), block[:, lo - column : hi - column]
+            column += width
 
     def _copied(self, blocks: tuple[torch.Tensor, ...], length: int) -> torch.Tensor:
         """The work buffer ``[columns, length]`` with the blocks' rows (data columns from the first,
@@ -215,12 +221,8 @@ class QRFactor:
         work = _workspace("columns", (len(self.shift) + 1, length), blocks[0].device)[: width + 1]
         rows = work[:, : len(blocks[0])]
         rows[p] = 1
-        column = 0
-        for block in blocks:  # converted and transposed in one pass
-            for lo, hi in ((column, min(column + block.shape[1], p)), (max(column, p), column + block.shape[1])):
-                if lo < hi:
-                    rows[lo + (lo >= p) : hi + (lo >= p)].copy_(block[:, lo - column : hi - column].T)
-            column += block.shape[1]
+        for into, values in self._spans(blocks):  # converted and transposed in one pass
+            rows[into].copy_(values.T)
         return work
 
     def scaled_columns(self, *blocks: torch.Tensor, origin: bool = False) -> torch.Tensor:
