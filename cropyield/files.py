@@ -457,28 +457,15 @@ def read_piece(
     """
     path = storage.location(piece.path)
     if _kind(path) == "parquet":
-        pa = _pyarrow()
 
-        def read_group():
-            try:
-                table = _parquet_file(path).read_row_group(piece.row_group, columns=list(columns))
-                # (a column at a time would hold less, but measured 1.6 times slower)
-                single = keep_float32 and all(table.column(c).type == pa.float32() for c in columns)
-                return _table_to_array(pa, table, columns, np.float32 if single else dtype, order)
-            except (pa.ArrowException, OSError, ValueError) as err:
-                if storage.transient(path, err):
-                    raise
-                raise CropYieldError(
-                    f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
-                ) from None
+        def convert(pa, file):
+            table = file.read_row_group(piece.row_group, columns=list(columns)).slice(0, piece.rows)
+            # (a column at a time would hold less, but measured 1.6 times slower)
+            kind = np.float32 if keep_float32 and _all_float32(pa, file, columns) else dtype
+            return _table_to_array(pa, table, columns, kind, order)
 
-        out = _retried(path, read_group)[: piece.rows]
-        if not _all_finite(out):
-            row, j = map(int, np.argwhere(~np.isfinite(out))[0])
-            raise CropYieldError(
-                f"{path}, row {piece.first_row + row + 1}, column {columns[j]!r}: value is empty, NaN, infinite or "
-                "out of float32 range"
-            )
+        out = _row_group(path, piece, convert)
+        _refuse_non_finite(out, path, piece.first_row, columns)
         return out
     try:
         data = _retried(path, lambda: storage.read_range(path, piece.start, piece.stop))
@@ -511,20 +498,90 @@ def read_piece(
     return out[: piece.rows]
 
 
+def read_piece_blocks(piece: Piece, columns: Sequence[str], dtype, blocks, *, keep_float32: bool = False) -> list:
+    """The rows :func:`read_piece` reads, column-major, in consecutive blocks of ``blocks.rows`` rows
+    (the last one shorter), each an array that ``blocks.take(rows, dtype)`` hands out (see
+    :class:`cropyield.streaming.Blocks`: memory that earlier pieces used). A Parquet row group is
+    decoded on the calling thread (the consumer computes on the other cores) a block's rows at a
+    time, straight into the blocks; a CSV piece is parsed whole, then copied.
+    """
+    path = storage.location(piece.path)
+    if _kind(path) != "parquet":
+        return blocks.copied(read_piece(piece, columns, dtype, "F"))
+
+    def convert(pa, file):
+        kind = np.float32 if keep_float32 and _all_float32(pa, file, columns) else dtype
+        # Arrow's batches (of its own sizes) are copied into the blocks wherever they fall.
+        out, at, done = [], 0, 0  # the blocks, the rows filled in the last one, the rows read
+        wanted = {"row_groups": [piece.row_group], "columns": list(columns), "use_threads": False}
+        for batch in file.iter_batches(blocks.rows, **wanted):
+            table, start = pa.Table.from_batches([batch.slice(0, piece.rows - done)]), 0
+            done += table.num_rows
+            while start < table.num_rows:
+                if not out or at == len(out[-1]):
+                    out.append(blocks.take(min(blocks.rows, piece.rows - blocks.rows * len(out)), kind))
+                    at = 0
+                part = table.slice(start, len(out[-1]) - at)
+                _table_to_array(pa, part, columns, kind, "F", out=out[-1][at : at + part.num_rows])
+                at, start = at + part.num_rows, start + part.num_rows
+            if done == piece.rows:  # (fewer rows than the row group's: a row limit)
+                break
+        return out
+
+    out = _row_group(path, piece, convert)
+    for start, block in zip(range(0, piece.rows, blocks.rows), out, strict=True):
+        _refuse_non_finite(block, path, piece.first_row + start, columns)
+    return out
+
+
+def _all_float32(pa, file, columns: Sequence[str]) -> bool:
+    schema = file.schema_arrow
+    return all(schema.field(c).type == pa.float32() for c in columns)
+
+
+def _row_group(path, piece: Piece, convert):
+    """``convert(pa, file)`` for a Parquet piece's file, unreadable data reported in one line
+    naming the file and the piece's row group."""
+    pa = _pyarrow()
+
+    def read():
+        try:
+            return convert(pa, _parquet_file(path))
+        except (pa.ArrowException, OSError, ValueError) as err:
+            if storage.transient(path, err):
+                raise
+            raise CropYieldError(
+                f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
+            ) from None
+
+    return _retried(path, read)
+
+
+def _refuse_non_finite(values: np.ndarray, path, first_row: int, columns: Sequence[str]) -> None:
+    """Raises the one-line error naming the first non-finite value's row (counted from 1) and column."""
+    if not _all_finite(values):
+        row, j = map(int, np.argwhere(~np.isfinite(values))[0])
+        raise CropYieldError(
+            f"{path}, row {first_row + row + 1}, column {columns[j]!r}: value is empty, NaN, infinite or "
+            "out of float32 range"
+        )
+
+
 def _all_finite(values: np.ndarray) -> bool:
     """No NaN or infinity among the values: their extremes (NaN propagates), checked without the
     array of flags ``np.isfinite`` makes (new memory for every piece, zeroed by the kernel)."""
     return values.size == 0 or bool(np.isfinite(values.max()) and np.isfinite(values.min()))
 
 
-def _table_to_array(pa, table, columns: Sequence[str], dtype=np.float32, order: str = "C") -> np.ndarray:
-    """An Arrow table's columns copied once into a float32 (or ``dtype``) array (empty cells raise ValueError).
+def _table_to_array(pa, table, columns: Sequence[str], dtype=np.float32, order: str = "C", out=None) -> np.ndarray:
+    """An Arrow table's columns copied once into a float32 (or ``dtype``) array, or into ``out``
+    (``[rows, columns]`` of that dtype); empty cells raise ValueError.
 
     Written a block of rows at a time, so each block stays in cache while its columns are filled
     in (a column at a time over a whole piece measured 5x slower); float32 values are widened to
     float64 by that copy itself (exactly), not by a cast first.
     """
-    out = np.empty((table.num_rows, len(columns)), dtype=dtype, order=order)
+    out = np.empty((table.num_rows, len(columns)), dtype=dtype, order=order) if out is None else out
     kind, single = _arrow_type(pa, dtype), pa.float32()
     for start in range(0, table.num_rows, _ROWS_AT_ONCE):
         block = table.slice(start, _ROWS_AT_ONCE)

@@ -14,7 +14,7 @@ from cropyield import CropYieldDataModule, CropYieldError, CropYieldRegressor, L
 from cropyield.batches import Chunk, Chunks, EpochPermutation, GatheredBatches
 from cropyield.files import data_files, list_pieces, read_table
 from cropyield.solution import solve
-from cropyield.streaming import StreamedBatches, StreamSource, held_out
+from cropyield.streaming import Blocks, StreamedBatches, StreamSource, held_out
 
 from .conftest import BIN, assert_one_line_error, run, write_csv
 from .test_model import synthetic
@@ -438,7 +438,7 @@ def test_exact_reads_of_float32_parquet_stay_float32_and_give_the_float64_factor
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_a_streamed_piece_with_a_nan_or_infinite_value_names_its_row_and_column(tmp_path, bad):
-    from cropyield.files import read_piece
+    from cropyield.files import read_piece, read_piece_blocks
 
     rows = table(600, seed=5)
     rows[437, 2] = bad  # in the second row group (250 rows each), column 'humidity'
@@ -448,3 +448,62 @@ def test_a_streamed_piece_with_a_nan_or_infinite_value_names_its_row_and_column(
         assert np.array_equal(read_piece(pieces[0], COLUMNS, dtype, order), rows[:250].astype(dtype))
         with pytest.raises(CropYieldError, match=r"d\.parquet, row 438, column 'humidity': value is empty, NaN"):
             read_piece(pieces[1], COLUMNS, dtype, order, keep_float32=order == "F")
+    # Read in blocks of 100 rows (the exact pass's way): the bad value is in the second block.
+    blocks = read_piece_blocks(pieces[0], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+    assert [len(b) for b in blocks] == [100, 100, 50] and np.array_equal(np.concatenate(blocks), rows[:250])
+    with pytest.raises(CropYieldError, match=r"d\.parquet, row 438, column 'humidity': value is empty, NaN"):
+        read_piece_blocks(pieces[1], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+
+
+def test_blocks_hand_a_block_out_again_only_once_nothing_refers_to_it():
+    blocks = Blocks(4, 2)
+    first = blocks.take(3, np.float32)
+    assert first.shape == (3, 2) and first.strides == (4, 16) and first.dtype == np.float32  # by columns
+    first_at = first.ctypes.data
+    held = torch.from_numpy(first)[1:]  # a tensor of a view of the block
+    del first
+    second = blocks.take(4, np.float32)  # the first block is still held: another one
+    second_at = second.ctypes.data
+    assert not np.shares_memory(second, held.numpy())
+    wide = blocks.take(4, np.float64)  # a float64 block of its own
+    assert wide.dtype == np.float64 and wide.ctypes.data not in (first_at, second_at)
+    del second
+    assert blocks.take(4, np.float32).ctypes.data == second_at  # let go: handed out again
+    del held
+    assert blocks.take(1, np.float32).ctypes.data == first_at
+
+
+def test_the_exact_pass_serves_the_files_rows_in_order_and_reuses_only_blocks_let_go(tmp_path):
+    # 9 row groups of at most 250 rows, then a CSV file of 2,000 (read whole, in float64, then copied)
+    expected = torch.from_numpy(write_folder(tmp_path / "d", csv_last=True)).double()
+    pieces = list_pieces(data_files(tmp_path / "d"), COLUMNS)
+    source = StreamSource(pieces, COLUMNS, 0.0, seed=0, dtype=torch.float64)
+    batches = StreamedBatches(source, 3, batch_size=100, shuffle=False, seed=0, exact_pass=True)
+    kept = [torch.cat(batch, dim=1) for batch in batches]  # every batch held to the end: none overwritten
+    assert [len(b) for b in kept[:3]] == [100, 100, 50] and {b.dtype for b in kept} == {torch.float32, torch.float64}
+    assert torch.equal(torch.cat(kept).double(), expected)
+    blocks, at = set(), 0
+    for x, y in batches:  # each batch let go at once: a few blocks hold every piece in turn
+        blocks.add(x.untyped_storage().data_ptr())
+        assert torch.equal(torch.cat([x, y], dim=1).double(), expected[at : at + len(x)])
+        at += len(x)
+    assert at == len(expected) and len(blocks) <= 6 < len(pieces)
+
+
+def test_a_piece_read_in_blocks_is_its_rows_whatever_the_sizes_of_arrows_batches(tmp_path, monkeypatch):
+    from cropyield.files import read_piece_blocks
+
+    rows = table(600, seed=6)
+    pq.write_table(pa.table(dict(zip(COLUMNS, rows.T, strict=True))), tmp_path / "d.parquet", row_group_size=250)
+    pieces = list_pieces([tmp_path / "d.parquet"], COLUMNS, limit_rows=480)  # the second piece: 230 of 250 rows
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def odd_sizes(self, batch_size, **kwargs):  # Arrow's batches of 37 rows, not the blocks' 100
+        return iter_batches(self, 37, **kwargs)
+
+    for batches in (iter_batches, odd_sizes):
+        monkeypatch.setattr(pq.ParquetFile, "iter_batches", batches)
+        for piece, expected in zip(pieces, (rows[:250], rows[250:480]), strict=True):
+            blocks = read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+            assert [len(b) for b in blocks] == [100, 100, len(expected) - 200]
+            assert all(b.dtype == np.float32 for b in blocks) and np.array_equal(np.concatenate(blocks), expected)
