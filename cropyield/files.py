@@ -338,12 +338,7 @@ def _read_parquet(path: Path, columns: Sequence[str], dtype=np.float32) -> np.nd
         if storage.transient(path, err):
             raise
         raise CropYieldError(f"{path}: not a readable Parquet file ({_brief(err)})") from None
-    bad = ~np.isfinite(out)
-    if bad.any():
-        row, j = map(int, np.argwhere(bad)[0])
-        raise CropYieldError(
-            f"{path}, row {row + 1}, column {columns[j]!r}: value is empty, NaN, infinite or out of float32 range"
-        )
+    _refuse_non_finite(out, path, 0, columns)
     return out
 
 
