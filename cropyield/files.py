@@ -23,7 +23,7 @@ import io
 import math
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -493,40 +493,51 @@ def read_piece(
     return out[: piece.rows]
 
 
-def read_piece_blocks(piece: Piece, columns: Sequence[str], dtype, blocks, *, keep_float32: bool = False) -> list:
+def read_piece_blocks(
+    piece: Piece, columns: Sequence[str], dtype, blocks, *, keep_float32: bool = False
+) -> Iterator[np.ndarray]:
     """The rows :func:`read_piece` reads, column-major, in consecutive blocks of ``blocks.rows`` rows
     (the last one shorter), each an array that ``blocks.take(rows, dtype)`` hands out (see
-    :class:`cropyield.streaming.Blocks`: memory that earlier pieces used). A Parquet row group is
-    decoded on the calling thread (the consumer computes on the other cores) a block's rows at a
-    time, straight into the blocks; a CSV piece is parsed whole, then copied.
+    :class:`cropyield.streaming.Blocks`: memory that earlier pieces used), yielded as each is filled
+    and checked. A local Parquet row group is decoded a block's rows at a time on the calling thread
+    (the consumer computes on the other cores), straight into the blocks, so the consumer starts on
+    a piece's first block while the rest are decoded; a URL's is read whole first (a retry then
+    starts again with nothing handed out); a CSV piece is parsed whole, then copied.
     """
     path = storage.location(piece.path)
     if _kind(path) != "parquet":
-        return blocks.copied(read_piece(piece, columns, dtype, "F"))
+        yield from blocks.copied(read_piece(piece, columns, dtype, "F"))
+        return
 
-    def convert(pa, file):
+    def decoded(pa, file):
         kind = np.float32 if keep_float32 and _all_float32(pa, file, columns) else dtype
         # Arrow's batches (of its own sizes) are copied into the blocks wherever they fall.
-        out, at, done = [], 0, 0  # the blocks, the rows filled in the last one, the rows read
+        block, at, done = None, 0, 0  # the block being filled, its rows filled, the rows read
         wanted = {"row_groups": [piece.row_group], "columns": list(columns), "use_threads": False}
         for batch in file.iter_batches(blocks.rows, **wanted):
             table, start = pa.Table.from_batches([batch.slice(0, piece.rows - done)]), 0
-            done += table.num_rows
             while start < table.num_rows:
-                if not out or at == len(out[-1]):
-                    out.append(blocks.take(min(blocks.rows, piece.rows - blocks.rows * len(out)), kind))
-                    at = 0
-                part = table.slice(start, len(out[-1]) - at)
-                _table_to_array(pa, part, columns, kind, "F", out=out[-1][at : at + part.num_rows])
+                if block is None:
+                    block, at = blocks.take(min(blocks.rows, piece.rows - done - start), kind), 0
+                part = table.slice(start, len(block) - at)
+                _table_to_array(pa, part, columns, kind, "F", out=block[at : at + part.num_rows])
                 at, start = at + part.num_rows, start + part.num_rows
+                if at == len(block):
+                    yield block
+                    block = None
+            done += table.num_rows
             if done == piece.rows:  # (fewer rows than the row group's: a row limit)
                 break
-        return out
 
-    out = _row_group(path, piece, convert)
-    for start, block in zip(range(0, piece.rows, blocks.rows), out, strict=True):
-        _refuse_non_finite(block, path, piece.first_row + start, columns)
-    return out
+    if storage.is_url(path):
+        out = iter(_row_group(path, piece, lambda pa, file: list(decoded(pa, file))))
+    else:
+        out = _unreadable_named(path, piece, lambda pa: decoded(pa, _parquet_file(path)))
+    first = piece.first_row
+    for block in out:
+        _refuse_non_finite(block, path, first, columns)
+        first += len(block)
+        yield block
 
 
 def _all_float32(pa, file, columns: Sequence[str]) -> bool:
@@ -543,13 +554,25 @@ def _row_group(path, piece: Piece, convert):
         try:
             return convert(pa, _parquet_file(path))
         except (pa.ArrowException, OSError, ValueError) as err:
-            if storage.transient(path, err):
-                raise
-            raise CropYieldError(
-                f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})"
-            ) from None
+            raise _unreadable(path, piece, err) from None
 
     return _retried(path, read)
+
+
+def _unreadable_named(path, piece: Piece, blocks):
+    """Yields from ``blocks(pa)``, unreadable data reported as :func:`_row_group` reports it."""
+    pa = _pyarrow()
+    try:
+        yield from blocks(pa)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _unreadable(path, piece, err) from None
+
+
+def _unreadable(path, piece: Piece, err: Exception) -> Exception:
+    """A network error as it is (to be retried); any other: the one-line error naming the row group."""
+    if storage.transient(path, err):
+        return err
+    return CropYieldError(f"{path}: not a readable Parquet file (row group {piece.row_group}: {_brief(err)})")
 
 
 def _refuse_non_finite(values: np.ndarray, path, first_row: int, columns: Sequence[str]) -> None:

@@ -78,13 +78,14 @@ def _extremes(blocks: tuple[torch.Tensor, ...], work: torch.Tensor, n: int, data
     return torch.stack([work.amin((0, 2)), work.amax((0, 2))])[:, data]
 
 
-def _standardize_(rows: torch.Tensor, data: list[int], shift: torch.Tensor, scale: torch.Tensor) -> None:
-    """``(z - shift) / scale`` in place on the factor columns ``data`` of ``rows`` (``[..., columns,
-    rows]``); the column of ones stays 1."""
-    shifts = torch.zeros(rows.shape[-2], 1, dtype=_F64, device=rows.device)
-    inverse = torch.ones_like(shifts)
-    shifts[data, 0], inverse[data, 0] = shift, 1 / scale
-    rows.sub_(shifts).mul_(inverse)
+def _standardize_(rows: torch.Tensor, p: int, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """``(z - shift) / scale`` in place on the data columns of ``rows`` (``[..., columns, rows]``:
+    ``p`` features, the column of ones, then targets); the column of ones is left as it is."""
+    inverse = 1 / scale
+    for first, last, at in ((0, p, 0), (p + 1, rows.shape[-2], p)):  # features, targets
+        if first < last:
+            columns = slice(at, at + last - first)
+            rows[..., first:last, :].sub_(shift[columns, None]).mul_(inverse[columns, None])
 
 
 @dataclass  # not frozen: torchmetrics maps over the fields of what `compute` returns
@@ -173,7 +174,7 @@ class QRFactor:
                 shift = torch.where(extremes[0] == extremes[1], first[0], shift)
             spread = (first - shift).square().mean(0).sqrt()
             scale = torch.where((spread > 0) & torch.isfinite(spread), spread, torch.ones_like(spread))
-        _standardize_(work, data, shift, scale)
+        _standardize_(work, p, shift, scale)
         if rest:
             work[full, :, rest:] = 0  # adds nothing to the factor
         chunks = work.transpose(1, 2)  # [chunks, size, k], column-major: factored in place
@@ -230,9 +231,9 @@ class QRFactor:
         ``[X̃ | 1 | Ỹ]`` transposed: ``[columns, rows]`` float64, a view of a buffer the next call
         reuses. ``origin``: shifted by nothing (as :func:`solve` moves a fit through the origin)."""
         rows = self._copied(blocks, len(blocks[0]))
-        data = self.columns[: rows.shape[0] - 1]
+        width = rows.shape[0] - 1  # the data columns given
         shift = torch.zeros_like(self.shift) if origin else self.shift
-        _standardize_(rows, data, shift[: len(data)].to(rows), self.scale[: len(data)].to(rows))
+        _standardize_(rows, self.num_features, shift[:width].to(rows), self.scale[:width].to(rows))
         return rows
 
     def merge(self, other: QRFactor) -> QRFactor:

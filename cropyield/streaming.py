@@ -43,11 +43,13 @@ from cropyield.reference import QRFactor
 
 DEFAULT_SHUFFLE_BUFFER = 1 << 20
 _BLOCK_ROWS = 1 << 16  # the fewest rows of a block of the exact pass (a whole number of batches)
+_BLOCKS_AHEAD = 8  # blocks the exact pass reads ahead of the one in use: 21 MB of float32 at its batch
 _END = object()
 
 
-def read_ahead(items: Iterable, read: Callable, depth: int = 1) -> Iterator:
-    """Yields ``read(item)`` for each item, read in a background thread at most ``depth`` items ahead.
+def read_ahead(items: Iterable, read: Callable | None = None, depth: int = 1) -> Iterator:
+    """Yields ``read(item)`` for each item, read in a background thread at most ``depth`` items ahead
+    (``read=None``: the items themselves, made by the thread, one more ahead, as it iterates them).
 
     The thread starts reading an item only once there is room for it, so at most ``depth`` results
     wait besides the one the consumer holds: memory stays a few pieces, whatever the data. pyarrow
@@ -66,7 +68,7 @@ def read_ahead(items: Iterable, read: Callable, depth: int = 1) -> Iterator:
                         return
                 if stop.is_set():
                     return
-                results.put((True, read(item)))
+                results.put((True, item if read is None else read(item)))
             results.put((True, _END))
         except BaseException as err:  # handed to the consumer, which raises it
             results.put((False, err))
@@ -212,13 +214,14 @@ class StreamSource:
         mask = mask if part == "val" else ~mask
         return rows[mask if keep is None else mask & keep]
 
-    def read_blocks(self, index: int, blocks: Blocks) -> list[np.ndarray]:
+    def read_blocks(self, index: int, blocks: Blocks) -> Iterator[np.ndarray]:
         """One piece's training rows, as :meth:`read` gives them, in blocks of ``blocks.rows`` rows
-        from ``blocks``: a Parquet piece decoded into them, other rows (encoded, split, CSV) copied."""
+        from ``blocks``, yielded as each is filled: a Parquet piece decoded into them, other rows
+        (encoded, split, CSV) copied."""
         if self._read is None and self.val_fraction <= 0:
             wide = self.dtype == np.float64
             return read_piece_blocks(self.pieces[index], self.columns, self.dtype, blocks, keep_float32=wide)
-        return blocks.copied(self.read(index))
+        return iter(blocks.copied(self.read(index)))
 
     def statistics(self, num_features: int, rank: int = 0, world_size: int = 1, progress=None) -> QRFactor:
         """The training rows' :class:`QRFactor` in one streaming pass; this process reads every
@@ -370,17 +373,16 @@ class StreamedBatches(Resumable):
         # block, and Lightning holds the current batch and the one fetched ahead, which keep only
         # their blocks in use (not their piece), so no copy is needed and memory stays a few pieces.
         blocks = Blocks(size * math.ceil(_BLOCK_ROWS / size), len(self.source.columns))
-        stream = read_ahead(mine[first:], lambda i: self.source.read_blocks(i, blocks), depth=2)
+        read = (block for i in mine[first:] for block in self.source.read_blocks(i, blocks))
+        stream = read_ahead(read, depth=_BLOCKS_AHEAD)
         try:
-            for piece in stream:
-                piece.reverse()
-                while piece:  # each block let go once its batches are served
-                    for batch in torch.from_numpy(piece.pop()).split(size):
-                        if drop > 0:
-                            drop -= 1
-                            continue
-                        self._yielded += 1
-                        yield batch[:, :f], batch[:, f:]
+            for block in stream:
+                for batch in torch.from_numpy(block).split(size):
+                    if drop > 0:
+                        drop -= 1
+                        continue
+                    self._yielded += 1
+                    yield batch[:, :f], batch[:, f:]
         finally:
             stream.close()
         while self._yielded < self.batches:  # as many batches as the busiest process: empty ones

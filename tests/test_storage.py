@@ -56,6 +56,29 @@ def test_an_s3_folder_lists_and_reads_the_same_pieces_as_a_local_one(tmp_path, b
         assert np.array_equal(read_piece(a, COLUMNS), read_piece(b, COLUMNS))
 
 
+def test_a_url_piece_read_in_blocks_is_retried_whole_so_no_row_is_served_twice(tmp_path, bucket, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from cropyield.files import read_piece_blocks
+    from cropyield.streaming import Blocks
+
+    rows = write_folder(tmp_path / "d", sizes=(500,), row_group=500)
+    (piece,) = list_pieces(data_files(upload(tmp_path / "d", f"{bucket}/crops/")), COLUMNS)
+    iter_batches, tries = pq.ParquetFile.iter_batches, []
+
+    def dropped_once(self, batch_size, **kwargs):  # the connection drops after the first batch, once
+        tries.append(1)
+        for i, batch in enumerate(iter_batches(self, batch_size, **kwargs)):
+            if i == 1 and len(tries) == 1:
+                raise OSError("AWS Error NETWORK_CONNECTION: connection reset by peer")
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", dropped_once)
+    blocks = list(read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True))
+    assert len(tries) == 2 and [len(b) for b in blocks] == [100] * 5
+    assert np.array_equal(np.concatenate(blocks), rows)
+
+
 def _fit(data_path, **kwargs):
     L.seed_everything(3)
     dm = CropYieldDataModule(data_path=data_path, batch_size=40, standardize=True, seed=5, **kwargs)

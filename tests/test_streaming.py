@@ -1,5 +1,6 @@
 """Streaming from files and folders: the epoch plan, sharding, the split, resuming, errors."""
 
+import math
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ from cropyield import CropYieldDataModule, CropYieldError, CropYieldRegressor, L
 from cropyield.batches import Chunk, Chunks, EpochPermutation, GatheredBatches
 from cropyield.files import data_files, list_pieces, read_table
 from cropyield.solution import solve
-from cropyield.streaming import Blocks, StreamedBatches, StreamSource, held_out
+from cropyield.streaming import _BLOCKS_AHEAD, Blocks, StreamedBatches, StreamSource, held_out
 
 from .conftest import BIN, assert_one_line_error, run, write_csv
 from .test_model import synthetic
@@ -449,10 +450,12 @@ def test_a_streamed_piece_with_a_nan_or_infinite_value_names_its_row_and_column(
         with pytest.raises(CropYieldError, match=r"d\.parquet, row 438, column 'humidity': value is empty, NaN"):
             read_piece(pieces[1], COLUMNS, dtype, order, keep_float32=order == "F")
     # Read in blocks of 100 rows (the exact pass's way): the bad value is in the second block.
-    blocks = read_piece_blocks(pieces[0], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+    blocks = list(read_piece_blocks(pieces[0], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True))
     assert [len(b) for b in blocks] == [100, 100, 50] and np.array_equal(np.concatenate(blocks), rows[:250])
+    later = read_piece_blocks(pieces[1], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+    assert np.array_equal(next(later), rows[250:350])  # rows 251-350 are served before the bad one is read
     with pytest.raises(CropYieldError, match=r"d\.parquet, row 438, column 'humidity': value is empty, NaN"):
-        read_piece_blocks(pieces[1], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+        next(later)
 
 
 def test_blocks_hand_a_block_out_again_only_once_nothing_refers_to_it():
@@ -487,7 +490,8 @@ def test_the_exact_pass_serves_the_files_rows_in_order_and_reuses_only_blocks_le
         blocks.add(x.untyped_storage().data_ptr())
         assert torch.equal(torch.cat([x, y], dim=1).double(), expected[at : at + len(x)])
         at += len(x)
-    assert at == len(expected) and len(blocks) <= 6 < len(pieces)
+    # At most the blocks read ahead, the one the reading thread waits to hand over and the one in use.
+    assert at == len(expected) and len(blocks) <= _BLOCKS_AHEAD + 2 < math.ceil(len(expected) / 100)
 
 
 def test_a_piece_read_in_blocks_is_its_rows_whatever_the_sizes_of_arrows_batches(tmp_path, monkeypatch):
@@ -504,6 +508,25 @@ def test_a_piece_read_in_blocks_is_its_rows_whatever_the_sizes_of_arrows_batches
     for batches in (iter_batches, odd_sizes):
         monkeypatch.setattr(pq.ParquetFile, "iter_batches", batches)
         for piece, expected in zip(pieces, (rows[:250], rows[250:480]), strict=True):
-            blocks = read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+            blocks = list(read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True))
             assert [len(b) for b in blocks] == [100, 100, len(expected) - 200]
             assert all(b.dtype == np.float32 for b in blocks) and np.array_equal(np.concatenate(blocks), expected)
+
+
+def test_a_local_piece_is_served_block_by_block_as_arrow_decodes_it(tmp_path, monkeypatch):
+    from cropyield.files import read_piece_blocks
+
+    rows = table(1000, seed=7)
+    pq.write_table(pa.table(dict(zip(COLUMNS, rows.T, strict=True))), tmp_path / "d.parquet")
+    (piece,) = list_pieces([tmp_path / "d.parquet"], COLUMNS)
+    iter_batches, decoded = pq.ParquetFile.iter_batches, []
+
+    def counted(self, batch_size, **kwargs):
+        for batch in iter_batches(self, batch_size, **kwargs):
+            decoded.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    blocks = read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
+    assert np.array_equal(next(blocks), rows[:100]) and sum(decoded) == 100  # the first block, the rest not yet read
+    assert np.array_equal(np.concatenate([rows[:100], *blocks]), rows) and sum(decoded) == 1000
