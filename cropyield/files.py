@@ -532,7 +532,7 @@ def read_piece_blocks(
     if storage.is_url(path):
         out = iter(_row_group(path, piece, lambda pa, file: list(decoded(pa, file))))
     else:
-        out = _unreadable_named(path, piece, lambda pa: decoded(pa, _parquet_file(path)))
+        out = _reporting_unreadable(path, piece, lambda pa: decoded(pa, _parquet_file(path)))
     first = piece.first_row
     for block in out:
         _refuse_non_finite(block, path, first, columns)
@@ -559,7 +559,7 @@ def _row_group(path, piece: Piece, convert):
     return _retried(path, read)
 
 
-def _unreadable_named(path, piece: Piece, blocks):
+def _reporting_unreadable(path, piece: Piece, blocks):
     """Yields from ``blocks(pa)``, unreadable data reported as :func:`_row_group` reports it."""
     pa = _pyarrow()
     try:

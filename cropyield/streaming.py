@@ -52,7 +52,8 @@ def read_ahead(items: Iterable, read: Callable | None = None, depth: int = 1) ->
     (``read=None``: the items themselves, made by the thread, one more ahead, as it iterates them).
 
     The thread starts reading an item only once there is room for it, so at most ``depth`` results
-    wait besides the one the consumer holds: memory stays a few pieces, whatever the data. pyarrow
+    wait besides the one the consumer holds (and the one made, with ``read=None``): memory stays a
+    few pieces or blocks, whatever the data. pyarrow
     releases the GIL while it reads and parses, so reading overlaps training. An error in the
     thread is raised here, in order; closing the generator stops the thread.
     """
