@@ -49,30 +49,39 @@ _END = object()
 
 def read_ahead(items: Iterable, read: Callable | None = None, depth: int = 1) -> Iterator:
     """Yields ``read(item)`` for each item, read in a background thread at most ``depth`` items ahead
-    (``read=None``: the items themselves, made by the thread, one more ahead, as it iterates them).
+    (``read=None``: the items themselves, made by the thread as it iterates them: a generator).
 
-    The thread starts reading an item only once there is room for it, so at most ``depth`` results
-    wait besides the one the consumer holds (and the one made, with ``read=None``): memory stays a
-    few pieces or blocks, whatever the data. pyarrow
-    releases the GIL while it reads and parses, so reading overlaps training. An error in the
-    thread is raised here, in order; closing the generator stops the thread.
+    The thread takes (and reads) the next item only once there is room for it, so at most ``depth``
+    results wait besides the one the consumer holds: memory stays a few pieces or blocks,
+    whatever the data. pyarrow, numpy and torch release the GIL while they read, parse and copy, so
+    the work overlaps training. An error in the thread is raised here, in order; closing the
+    generator stops the thread, which closes ``items``.
     """
     results: queue.Queue = queue.Queue()
     room = threading.Semaphore(depth)
     stop = threading.Event()
 
     def work() -> None:
+        iterator = iter(items)
         try:
-            for item in items:
+            while True:
                 while not room.acquire(timeout=0.05):
                     if stop.is_set():
                         return
                 if stop.is_set():
                     return
+                item = next(iterator, _END)
+                if item is _END:
+                    break
                 results.put((True, item if read is None else read(item)))
+                del item
             results.put((True, _END))
         except BaseException as err:  # handed to the consumer, which raises it
             results.put((False, err))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:  # a generator's own cleanup (its files, its own read-ahead) runs now
+                close()
 
     thread = threading.Thread(target=work, name="cropyield-read-ahead", daemon=True)
     thread.start()

@@ -530,3 +530,26 @@ def test_a_local_piece_is_served_block_by_block_as_arrow_decodes_it(tmp_path, mo
     blocks = read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
     assert np.array_equal(next(blocks), rows[:100]) and sum(decoded) == 100  # the first block, the rest not yet read
     assert np.array_equal(np.concatenate([rows[:100], *blocks]), rows) and sum(decoded) == 1000
+
+
+def test_read_ahead_makes_at_most_depth_items_ahead_and_closes_what_it_reads():
+    from cropyield.streaming import read_ahead
+
+    made, closed = [], []
+
+    def items():
+        try:
+            for i in range(100):
+                made.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    stream = read_ahead(items(), depth=3)
+    assert next(stream) == 0
+    time.sleep(0.3)  # the thread has had time to run ahead: it stops once 3 wait
+    assert made == [0, 1, 2, 3]
+    stream.close()  # stops the thread, which closes the generator (its files, its own thread)
+    assert closed == [True] and len(made) == 4
+    with pytest.raises(ZeroDivisionError):  # an error in the thread reaches the consumer in order
+        list(read_ahead(range(3), lambda i: 1 // (2 - i)))
