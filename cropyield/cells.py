@@ -21,7 +21,8 @@ import numpy as np
 from cropyield import storage
 from cropyield.encoding import Coded, Column
 from cropyield.errors import CropYieldError
-from cropyield.files import Piece, _arrow_csv, _brief, _kind, _parquet_file, _pyarrow, _retried, read_columns
+from cropyield.files import _arrow_csv, _brief, _kind, _parquet_file, _pyarrow, _retried, read_columns
+from cropyield.pieces import Piece
 
 _SNIFF_BYTES = 1 << 20
 
@@ -70,7 +71,7 @@ def read_cells(
     """Reads a whole file, or one piece of one, into numeric and text columns.
 
     Args:
-        source: a CSV or Parquet file, or a :class:`~cropyield.files.Piece` of one.
+        source: a CSV or Parquet file, or a :class:`~cropyield.pieces.Piece` of one.
         numeric: columns read as numbers (NaN where a cell is missing).
         text: columns read as text (categorical columns, whatever their type in the file).
 

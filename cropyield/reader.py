@@ -20,7 +20,8 @@ import torch
 from cropyield.cells import read_cells
 from cropyield.encoding import Coded, Column, Encoding, check_levels, drop_message, learn_levels, missing_mask
 from cropyield.errors import CropYieldError
-from cropyield.files import Piece, list_pieces, read_piece, read_table
+from cropyield.files import read_table
+from cropyield.pieces import Piece, list_pieces, read_piece
 from cropyield.sources import RowSource, StreamedSource, TableSource
 from cropyield.streaming import StreamSource, held_out, read_ahead
 

@@ -1,7 +1,7 @@
 """Streaming rows from files bigger than memory: pieces, the epoch plan, and read-ahead.
 
 A data set is a list of pieces (Parquet row groups, blocks of CSV lines; see
-:func:`cropyield.files.list_pieces`). Per epoch, seeded by ``(seed, epoch)``:
+:func:`cropyield.pieces.list_pieces`). Per epoch, seeded by ``(seed, epoch)``:
 
 1. the pieces are shuffled and dealt to the processes, each to the one holding the fewest rows
    so far, so every process reads a disjoint part of the data;
@@ -38,7 +38,7 @@ import torch
 
 from cropyield.batches import EpochCounter, Resumable
 from cropyield.errors import CropYieldError
-from cropyield.files import Piece, read_piece, read_piece_blocks
+from cropyield.pieces import Piece, read_piece, read_piece_blocks
 from cropyield.reference import QRFactor
 
 DEFAULT_SHUFFLE_BUFFER = 1 << 20

@@ -15,7 +15,8 @@ import torch
 from cropyield import CropYieldDataModule, CropYieldError, LeastSquaresRegressor, load_regressor, predict
 from cropyield.cells import read_cells
 from cropyield.encoding import Coded, Encoding
-from cropyield.files import data_files, list_pieces
+from cropyield.files import data_files
+from cropyield.pieces import list_pieces
 
 from .conftest import assert_one_line_error, run
 

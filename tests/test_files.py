@@ -168,7 +168,8 @@ def test_quoted_values_parse_on_every_numeric_reader_path(tmp_path, monkeypatch,
     import csv
 
     from cropyield import files
-    from cropyield.files import list_pieces, read_piece
+    from cropyield import pieces as piece_reader
+    from cropyield.pieces import list_pieces, read_piece
 
     path = tmp_path / "q.csv"
     expected = write_quoted(path, quoted_rows(3000), csv.QUOTE_ALL if quoting == "all" else csv.QUOTE_MINIMAL)
@@ -181,7 +182,8 @@ def test_quoted_values_parse_on_every_numeric_reader_path(tmp_path, monkeypatch,
     assert np.array_equal(pieces(csv_block_bytes=700), expected)  # streamed blocks, cut between records
     monkeypatch.setattr(files, "_BLOCK", 512)  # buffers cut mid-file: never inside a quoted value
     assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)
-    monkeypatch.setattr(files, "_pyarrow", lambda: None)  # the standard library's reader
+    for module in (files, piece_reader):  # the standard library's reader, for files and pieces
+        monkeypatch.setattr(module, "_pyarrow", lambda: None)
     assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)
     assert np.array_equal(pieces(csv_block_bytes=700), expected)
 
@@ -189,7 +191,7 @@ def test_quoted_values_parse_on_every_numeric_reader_path(tmp_path, monkeypatch,
 def test_quoted_newlines_in_a_large_buffer_are_parsed_by_pyarrow(tmp_path, monkeypatch):
     import csv
 
-    from cropyield import files
+    from cropyield import files, pieces
 
     path = tmp_path / "q.csv"
     expected = write_quoted(path, quoted_rows(120_000), csv.QUOTE_MINIMAL)  # 2.6 MB: pyarrow chunks it
@@ -199,16 +201,17 @@ def test_quoted_newlines_in_a_large_buffer_are_parsed_by_pyarrow(tmp_path, monke
         raise AssertionError("fell back to the standard library's reader")
 
     monkeypatch.setattr(files, "_read_csv_stdlib", no_fallback)
-    monkeypatch.setattr(files, "_parse_csv_lines", no_fallback)
+    for module in (files, pieces):
+        monkeypatch.setattr(module, "_parse_csv_lines", no_fallback)
     assert np.array_equal(read_table(path, ["x", "y", "z"]), expected)
-    found = files.list_pieces(data_files(path), ["x", "y", "z"], csv_block_bytes=2 << 20)
-    assert np.array_equal(np.concatenate([files.read_piece(p, ["x", "y", "z"]) for p in found]), expected)
+    found = pieces.list_pieces(data_files(path), ["x", "y", "z"], csv_block_bytes=2 << 20)
+    assert np.array_equal(np.concatenate([pieces.read_piece(p, ["x", "y", "z"]) for p in found]), expected)
 
 
 def test_read_piece_keeps_float32_parquet_columns_only_when_asked(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    from cropyield.files import list_pieces, read_piece
+    from cropyield.pieces import list_pieces, read_piece
 
     rng = np.random.default_rng(0)
     single = rng.normal(50, 20, (1000, 2)).astype(np.float32)

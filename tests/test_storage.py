@@ -17,9 +17,10 @@ from cropyield import load_regressor, storage
 from cropyield.checkpoint_io import AtomicCheckpointIO
 from cropyield.data import CropYieldDataModule
 from cropyield.errors import CropYieldError
-from cropyield.files import data_files, list_pieces, read_columns, read_piece, read_table
+from cropyield.files import data_files, read_columns, read_table
 from cropyield.inference import LinearPredictor, read_checkpoint
 from cropyield.model import CropYieldRegressor
+from cropyield.pieces import list_pieces, read_piece
 
 from .conftest import BIN, ROOT_DIR, assert_one_line_error, moto_server, run, s3_filesystem, upload, write_csv
 from .test_streaming import COLUMNS, write_folder
@@ -59,7 +60,7 @@ def test_an_s3_folder_lists_and_reads_the_same_pieces_as_a_local_one(tmp_path, b
 def test_a_url_piece_read_in_blocks_is_retried_whole_so_no_row_is_served_twice(tmp_path, bucket, monkeypatch):
     import pyarrow.parquet as pq
 
-    from cropyield.files import read_piece_blocks
+    from cropyield.pieces import read_piece_blocks
     from cropyield.streaming import Blocks
 
     rows = write_folder(tmp_path / "d", sizes=(500,), row_group=500)

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cropyield import CropYieldDataModule, CropYieldError, CropYieldRegressor, LeastSquaresRegressor, load_regressor
 from cropyield.batches import Chunk, Chunks, EpochPermutation, GatheredBatches
-from cropyield.files import data_files, list_pieces, read_table
+from cropyield.files import data_files, read_table
+from cropyield.pieces import list_pieces
 from cropyield.solution import solve
 from cropyield.streaming import _BLOCKS_AHEAD, Blocks, StreamedBatches, StreamSource, held_out
 
@@ -421,7 +422,7 @@ def test_a_checkpoint_from_the_middle_of_an_exact_pass_resumes_it(tmp_path, quie
 
 
 def test_exact_reads_of_float32_parquet_stay_float32_and_give_the_float64_factor(tmp_path):
-    from cropyield.files import read_piece
+    from cropyield.pieces import read_piece
     from cropyield.reference import QRFactor
 
     rows = np.random.default_rng(4).normal([80, 90, 55, 60, 70], [10, 20, 5, 8, 9], (3000, 5)).astype(np.float32)
@@ -435,27 +436,6 @@ def test_exact_reads_of_float32_parquet_stay_float32_and_give_the_float64_factor
     got = source.statistics(3)
     for name in ("count", "shift", "scale", "r", "low", "high"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_a_streamed_piece_with_a_nan_or_infinite_value_names_its_row_and_column(tmp_path, bad):
-    from cropyield.files import read_piece, read_piece_blocks
-
-    rows = table(600, seed=5)
-    rows[437, 2] = bad  # in the second row group (250 rows each), column 'humidity'
-    pq.write_table(pa.table(dict(zip(COLUMNS, rows.T, strict=True))), tmp_path / "d.parquet", row_group_size=250)
-    pieces = list_pieces([tmp_path / "d.parquet"], COLUMNS)
-    for order, dtype in (("C", np.float32), ("F", np.float64)):
-        assert np.array_equal(read_piece(pieces[0], COLUMNS, dtype, order), rows[:250].astype(dtype))
-        with pytest.raises(CropYieldError, match=r"d\.parquet, row 438, column 'humidity': value is empty, NaN"):
-            read_piece(pieces[1], COLUMNS, dtype, order, keep_float32=order == "F")
-    # Read in blocks of 100 rows (the exact pass's way): the bad value is in the second block.
-    blocks = list(read_piece_blocks(pieces[0], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True))
-    assert [len(b) for b in blocks] == [100, 100, 50] and np.array_equal(np.concatenate(blocks), rows[:250])
-    later = read_piece_blocks(pieces[1], COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
-    assert np.array_equal(next(later), rows[250:350])  # rows 251-350 are served before the bad one is read
-    with pytest.raises(CropYieldError, match=r"d\.parquet, row 438, column 'humidity': value is empty, NaN"):
-        next(later)
 
 
 def test_blocks_hand_a_block_out_again_only_once_nothing_refers_to_it():
@@ -492,44 +472,6 @@ def test_the_exact_pass_serves_the_files_rows_in_order_and_reuses_only_blocks_le
         at += len(x)
     # At most the blocks read ahead, the one the reading thread waits to hand over and the one in use.
     assert at == len(expected) and len(blocks) <= _BLOCKS_AHEAD + 2 < math.ceil(len(expected) / 100)
-
-
-def test_a_piece_read_in_blocks_is_its_rows_whatever_the_sizes_of_arrows_batches(tmp_path, monkeypatch):
-    from cropyield.files import read_piece_blocks
-
-    rows = table(600, seed=6)
-    pq.write_table(pa.table(dict(zip(COLUMNS, rows.T, strict=True))), tmp_path / "d.parquet", row_group_size=250)
-    pieces = list_pieces([tmp_path / "d.parquet"], COLUMNS, limit_rows=480)  # the second piece: 230 of 250 rows
-    iter_batches = pq.ParquetFile.iter_batches
-
-    def odd_sizes(self, batch_size, **kwargs):  # Arrow's batches of 37 rows, not the blocks' 100
-        return iter_batches(self, 37, **kwargs)
-
-    for batches in (iter_batches, odd_sizes):
-        monkeypatch.setattr(pq.ParquetFile, "iter_batches", batches)
-        for piece, expected in zip(pieces, (rows[:250], rows[250:480]), strict=True):
-            blocks = list(read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True))
-            assert [len(b) for b in blocks] == [100, 100, len(expected) - 200]
-            assert all(b.dtype == np.float32 for b in blocks) and np.array_equal(np.concatenate(blocks), expected)
-
-
-def test_a_local_piece_is_served_block_by_block_as_arrow_decodes_it(tmp_path, monkeypatch):
-    from cropyield.files import read_piece_blocks
-
-    rows = table(1000, seed=7)
-    pq.write_table(pa.table(dict(zip(COLUMNS, rows.T, strict=True))), tmp_path / "d.parquet")
-    (piece,) = list_pieces([tmp_path / "d.parquet"], COLUMNS)
-    iter_batches, decoded = pq.ParquetFile.iter_batches, []
-
-    def counted(self, batch_size, **kwargs):
-        for batch in iter_batches(self, batch_size, **kwargs):
-            decoded.append(batch.num_rows)
-            yield batch
-
-    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
-    blocks = read_piece_blocks(piece, COLUMNS, np.float64, Blocks(100, 5), keep_float32=True)
-    assert np.array_equal(next(blocks), rows[:100]) and sum(decoded) == 100  # the first block, the rest not yet read
-    assert np.array_equal(np.concatenate([rows[:100], *blocks]), rows) and sum(decoded) == 1000
 
 
 def test_read_ahead_makes_at_most_depth_items_ahead_and_closes_what_it_reads():
