@@ -381,7 +381,7 @@ class StreamedBatches(Resumable):
         drop = skip - passed  # batches of the first piece left that a resumed run has done
         # The pieces are read into blocks of whole batches that are reused: a batch is a view of its
         # block, and Lightning holds the current batch and the one fetched ahead, which keep only
-        # their blocks in use (not their piece), so no copy is needed and memory stays a few pieces.
+        # their blocks in use (not their piece), so no copy is needed and memory stays a few blocks.
         blocks = Blocks(size * math.ceil(_BLOCK_ROWS / size), len(self.source.columns))
         read = (block for i in mine[first:] for block in self.source.read_blocks(i, blocks))
         stream = read_ahead(read, depth=_BLOCKS_AHEAD)

@@ -470,7 +470,7 @@ def test_the_exact_pass_serves_the_files_rows_in_order_and_reuses_only_blocks_le
         blocks.add(x.untyped_storage().data_ptr())
         assert torch.equal(torch.cat([x, y], dim=1).double(), expected[at : at + len(x)])
         at += len(x)
-    # At most the blocks read ahead, the one the reading thread waits to hand over and the one in use.
+    # At most the blocks read ahead and two in use (the current batch's, the one before until let go).
     assert at == len(expected) and len(blocks) <= _BLOCKS_AHEAD + 2 < math.ceil(len(expected) / 100)
 
 
